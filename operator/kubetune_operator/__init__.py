@@ -1,0 +1,1 @@
+"""kubetune's operator: API models, desired-state builders, kopf handlers, local runtime, CLI."""

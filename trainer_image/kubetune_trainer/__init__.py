@@ -1,0 +1,1 @@
+"""kubetune's trainer: the program every worker pod runs under torchrun."""

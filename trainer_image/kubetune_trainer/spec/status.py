@@ -1,0 +1,92 @@
+"""The ``FineTuneJob`` status: what the operator observed (DESIGN §2, §8).
+
+Conditions are the truth; ``phase`` is a one-word summary derived from them by
+:func:`kubetune_operator` code.  Written by the operator only.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, Strict
+
+from kubetune_trainer.spec._base import KubeModel
+
+
+class Phase(StrEnum):
+    """One-word summary of a job's state, for ``kubectl get``."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class ConditionType(StrEnum):
+    """Condition types of a FineTuneJob."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Condition(KubeModel):
+    """A Kubernetes-style condition."""
+
+    type: Annotated[ConditionType, Strict(False)] = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    status: Annotated[str, Field(pattern="^(True|False|Unknown)$")] = Field(description="True, False or Unknown.")
+    reason: Annotated[str, Field(pattern="^[A-Za-z]([A-Za-z0-9_]*)$", max_length=1024)] = Field(
+        description="CamelCase reason of the last transition."
+    )
+    message: Annotated[str, Field(max_length=32768)] = Field(default="", description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation this was computed from.")
+
+
+class Progress(KubeModel):
+    """Live training progress read from rank 0's metrics endpoint."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Latest total training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput in tokens per second.")
+    samples_per_second: float | None = Field(default=None, description="Training throughput in samples per second.")
+    eta: str | None = Field(default=None, description="Estimated completion time (RFC 3339).")
+    updated: str | None = Field(default=None, description="When this progress was read (RFC 3339).")
+
+
+class CheckpointStatus(KubeModel):
+    """The newest committed checkpoint."""
+
+    uri: str | None = Field(default=None, description="URI of the checkpoint.")
+    step: int | None = Field(default=None, description="Step of the checkpoint.")
+    time: str | None = Field(default=None, description="When it was committed (RFC 3339).")
+
+
+class OutputStatus(KubeModel):
+    """The published model."""
+
+    uri: str | None = Field(default=None, description="URI of the published model.")
+
+
+class FineTuneJobStatus(KubeModel):
+    """Observed state of a FineTuneJob."""
+
+    phase: Annotated[Phase, Strict(False)] | None = Field(default=None, description="One-word summary derived from the conditions.")
+    conditions: list[Condition] = Field(default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed.")
+    attempt: int | None = Field(default=None, description="Current attempt number (1-based).")
+    restarts: int = Field(default=0, description="Gang restarts so far.")
+    start_time: str | None = Field(default=None, description="When the first attempt started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    progress: Progress | None = Field(default=None, description="Live training progress.")
+    checkpoint: CheckpointStatus | None = Field(default=None, description="Newest committed checkpoint.")
+    evaluation: dict[str, float] | None = Field(default=None, description="Latest evaluation metrics.")
+    output: OutputStatus | None = Field(default=None, description="The published model.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
