@@ -1,0 +1,48 @@
+"""The runtime contract between the operator's pods and the trainer process.
+
+Pure constants shared by both sides (the operator may import this module; it
+never imports torch): exit codes and how they are classified, environment
+variable names, the config mount path and the metrics port.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Trainer exit codes.  10-19 are permanent, everything else non-zero is retryable."""
+
+    SUCCESS = 0
+    INVALID_SPEC = 10  # the trainer config does not validate
+    INVALID_DATA = 11  # missing file or field, unknown label, empty dataset
+    INVALID_MODEL = 12  # backbone missing or unloadable, strategy does not fit the model
+    NON_FINITE_LOSS = 13  # loss became NaN or infinite
+    RETRYABLE = 20  # infrastructure trouble: storage unreachable, rendezvous failed
+    PREEMPTED = 21  # SIGTERM: a checkpoint was committed, then the process exited
+
+
+PERMANENT_EXIT_CODES = frozenset(range(10, 20))
+
+
+def is_permanent_failure(exit_code: int) -> bool:
+    """True when a failed attempt must not be retried (spec or data error)."""
+    return exit_code in PERMANENT_EXIT_CODES
+
+
+# Environment variables the operator sets on trainer containers.
+ENV_CONFIG = "KUBETUNE_CONFIG"  # path of the trainer config (the resolved FineTuneJob as JSON)
+ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"
+ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # node-local scratch (checkpoint staging, downloads, caches)
+ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
+ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
+ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # where pvc://CLAIM/... volumes are mounted
+
+CONFIG_MOUNT_DIR = "/etc/kubetune"
+CONFIG_FILE_NAME = "job.json"
+DEFAULT_METRICS_PORT = 9400
+DEFAULT_WORK_DIR = "/workspace"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+RENDEZVOUS_PORT = 29500
+TRAINER_MODULE = "kubetune_trainer"
