@@ -56,7 +56,7 @@ class Rule:
     path (``spec.strategy``), so messages name the full field path.
     """
 
-    cel: str
+    cel: str | None  # None: the CRD schema enforces it by other means (e.g. list-type set)
     message: str
     field: str
     check: Callable[[Any], bool]
@@ -64,6 +64,7 @@ class Rule:
 
     def crd_entry(self) -> dict[str, str]:
         """The ``x-kubernetes-validations`` entry for this rule."""
+        assert self.cel is not None
         return {
             "rule": self.cel,
             "message": self.message,

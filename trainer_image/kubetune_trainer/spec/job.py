@@ -36,7 +36,7 @@ class Task(StrEnum):
     """What the fine-tuned model predicts."""
 
     SEQUENCE_CLASSIFICATION = "sequence-classification"
-    TOKEN_CLASSIFICATION = "token-classification"
+    TOKEN_CLASSIFICATION = "token-classification"  # noqa: S105 (a task name, not a token)
     CAUSAL_LM = "causal-lm"
     MASKED_LM = "masked-lm"
 
@@ -93,9 +93,7 @@ class ModelSpec(KubeModel):
             cel="self.task != 'sequence-classification' || has(self.labels) || has(self.numLabels)",
             message="sequence-classification needs labels or numLabels",
             field="labels",
-            check=lambda m: m.task != Task.SEQUENCE_CLASSIFICATION
-            or m.labels is not None
-            or m.num_labels is not None,
+            check=lambda m: m.task != Task.SEQUENCE_CLASSIFICATION or m.labels is not None or m.num_labels is not None,
         ),
         Rule(
             cel="self.task != 'token-classification' || has(self.labels)",
@@ -107,8 +105,7 @@ class ModelSpec(KubeModel):
             cel="!(self.task in ['causal-lm', 'masked-lm']) || (!has(self.labels) && !has(self.numLabels))",
             message="language-model tasks take no labels or numLabels",
             field="labels",
-            check=lambda m: m.task not in LANGUAGE_MODEL_TASKS
-            or (m.labels is None and m.num_labels is None),
+            check=lambda m: m.task not in LANGUAGE_MODEL_TASKS or (m.labels is None and m.num_labels is None),
         ),
         Rule(
             cel="!has(self.labels) || !has(self.numLabels) || size(self.labels) == self.numLabels",
@@ -117,7 +114,7 @@ class ModelSpec(KubeModel):
             check=lambda m: m.labels is None or m.num_labels is None or len(m.labels) == m.num_labels,
         ),
         Rule(
-            cel="!has(self.labels) || self.labels.all(x, self.labels.exists_one(y, y == x))",
+            cel=None,  # x-kubernetes-list-type: set makes the API server enforce it
             message="labels must be unique",
             field="labels",
             check=lambda m: m.labels is None or len(set(m.labels)) == len(m.labels),
@@ -134,6 +131,7 @@ class ModelSpec(KubeModel):
     labels: Annotated[list[Label], Field(min_length=2, max_length=1024)] | None = Field(
         default=None,
         description="Class names (sequence classification) or tag names (token classification), in id order.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     num_labels: Annotated[int, Field(ge=2, le=100000)] | None = Field(
         default=None,
@@ -348,7 +346,9 @@ class StrategySpec(KubeModel):
         ]
     )
 
-    type: Annotated[StrategyType, Strict(False)] = Field(description="full, partial, lora, adalora, ia3, adapter, prefix or prompt.")
+    type: Annotated[StrategyType, Strict(False)] = Field(
+        description="full, partial, lora, adalora, ia3, adapter, prefix or prompt."
+    )
     partial: PartialConfig | None = Field(default=None, description="Settings for type partial.")
     lora: LoraConfig | None = Field(default=None, description="Settings for type lora.")
     adalora: AdaLoraConfig | None = Field(default=None, description="Settings for type adalora.")
@@ -395,6 +395,7 @@ class Regularization(KubeModel):
     )
     l2sp: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
         default=0.0,
+        alias="l2sp",  # to_camel would say "l2Sp"
         description="λ of L2-SP: λ·||θ − θ_pretrained||² over trainable pretrained weights (0 disables).",
     )
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
@@ -441,7 +442,9 @@ class EvaluationSpec(KubeModel):
     )
     metric: Annotated[Metric, Strict(False)] | None = Field(
         default=None,
-        description="Metric for early stopping and selection: f1 for classification, loss for language models by default.",
+        description=(
+            "Metric for early stopping and selection: f1 for classification, loss for language models by default."
+        ),
     )
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Stop after this many evaluations without improvement (off when omitted)."
@@ -600,7 +603,8 @@ class CheckpointSpec(KubeModel):
     """Where and how often checkpoints are written."""
 
     uri: StorageUri | None = Field(
-        default=None, description="s3://BUCKET/PREFIX, pvc://CLAIM/PATH or file:///PATH; the operator's default when omitted."
+        default=None,
+        description="s3://BUCKET/PREFIX, pvc://CLAIM/PATH or file:///PATH; the operator's default when omitted.",
     )
     endpoint: Annotated[str, Field(pattern=ENDPOINT_PATTERN, max_length=512)] | None = Field(
         default=None, description="Endpoint of an S3-compatible store, e.g. http://minio.storage:9000."
@@ -626,7 +630,10 @@ class OutputSpec(KubeModel):
     """Where the fine-tuned model is published."""
 
     uri: StorageUri | None = Field(
-        default=None, description="Where the Hugging Face-format model or PEFT adapter is written; <checkpoint.uri>/output when omitted."
+        default=None,
+        description=(
+            "Where the Hugging Face-format model or PEFT adapter is written; <checkpoint.uri>/output when omitted."
+        ),
     )
     merge_adapter: bool = Field(
         default=False, description="For lora, adalora and ia3: also write full weights with the adapter merged."
@@ -658,7 +665,17 @@ class RunPolicy(KubeModel):
 
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "loss")
-IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "strategy", "objective", "training", "deepspeed", "resources", "checkpoint", "output")
+IMMUTABLE_SPEC_FIELDS = (
+    "model",
+    "dataset",
+    "strategy",
+    "objective",
+    "training",
+    "deepspeed",
+    "resources",
+    "checkpoint",
+    "output",
+)
 
 
 def _immutable_rule(name: str) -> Rule:
@@ -683,8 +700,9 @@ class FineTuneJobSpec(KubeModel):
             ),
             message="prefix tuning supports sequence-classification, token-classification and causal-lm",
             field="strategy.type",
-            check=lambda s: s.strategy.type != StrategyType.PREFIX
-            or s.model.task in STRATEGY_TASKS[StrategyType.PREFIX],
+            check=lambda s: (
+                s.strategy.type != StrategyType.PREFIX or s.model.task in STRATEGY_TASKS[StrategyType.PREFIX]
+            ),
         ),
         Rule(
             cel=(
@@ -693,11 +711,15 @@ class FineTuneJobSpec(KubeModel):
             ),
             message="prompt tuning supports sequence-classification and causal-lm",
             field="strategy.type",
-            check=lambda s: s.strategy.type != StrategyType.PROMPT
-            or s.model.task in STRATEGY_TASKS[StrategyType.PROMPT],
+            check=lambda s: (
+                s.strategy.type != StrategyType.PROMPT or s.model.task in STRATEGY_TASKS[StrategyType.PROMPT]
+            ),
         ),
         Rule(
-            cel="!has(self.objective.auxiliary) || self.model.task in ['sequence-classification', 'token-classification']",
+            cel=(
+                "!has(self.objective.auxiliary) || "
+                "self.model.task in ['sequence-classification', 'token-classification']"
+            ),
             message="an auxiliary self-supervised loss applies to classification tasks only",
             field="objective.auxiliary",
             check=lambda s: s.objective.auxiliary is None or s.model.task in CLASSIFICATION_TASKS,
@@ -724,11 +746,13 @@ class FineTuneJobSpec(KubeModel):
             message="evaluation.metric must be loss or perplexity for language models, "
             "and accuracy, f1, precision, recall or loss for classification",
             field="training.evaluation.metric",
-            check=lambda s: s.training.evaluation.metric is None
-            or (
-                s.training.evaluation.metric in LM_METRICS
-                if s.model.task in LANGUAGE_MODEL_TASKS
-                else s.training.evaluation.metric in _CLASSIFICATION_METRICS
+            check=lambda s: (
+                s.training.evaluation.metric is None
+                or (
+                    s.training.evaluation.metric in LM_METRICS
+                    if s.model.task in LANGUAGE_MODEL_TASKS
+                    else s.training.evaluation.metric in _CLASSIFICATION_METRICS
+                )
             ),
         ),
         Rule(
@@ -744,9 +768,11 @@ class FineTuneJobSpec(KubeModel):
             ),
             message="fp16 needs GPUs (request nvidia.com/gpu); use bf16 or fp32 on CPUs",
             field="training.precision",
-            check=lambda s: s.training.precision != "fp16"
-            or "nvidia.com/gpu" in s.resources.requests
-            or "nvidia.com/gpu" in s.resources.limits,
+            check=lambda s: (
+                s.training.precision != "fp16"
+                or "nvidia.com/gpu" in s.resources.requests
+                or "nvidia.com/gpu" in s.resources.limits
+            ),
         ),
         *(_immutable_rule(name) for name in IMMUTABLE_SPEC_FIELDS),
     )

@@ -39,7 +39,9 @@ class ConditionType(StrEnum):
 class Condition(KubeModel):
     """A Kubernetes-style condition."""
 
-    type: Annotated[ConditionType, Strict(False)] = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    type: Annotated[ConditionType, Strict(False)] = Field(
+        description="Created, Running, Restarting, Suspended, Succeeded or Failed."
+    )
     status: Annotated[str, Field(pattern="^(True|False|Unknown)$")] = Field(description="True, False or Unknown.")
     reason: Annotated[str, Field(pattern="^[A-Za-z]([A-Za-z0-9_]*)$", max_length=1024)] = Field(
         description="CamelCase reason of the last transition."
@@ -79,8 +81,12 @@ class OutputStatus(KubeModel):
 class FineTuneJobStatus(KubeModel):
     """Observed state of a FineTuneJob."""
 
-    phase: Annotated[Phase, Strict(False)] | None = Field(default=None, description="One-word summary derived from the conditions.")
-    conditions: list[Condition] = Field(default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed.")
+    phase: Annotated[Phase, Strict(False)] | None = Field(
+        default=None, description="One-word summary derived from the conditions."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed."
+    )
     attempt: int | None = Field(default=None, description="Current attempt number (1-based).")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     start_time: str | None = Field(default=None, description="When the first attempt started (RFC 3339).")

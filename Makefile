@@ -1,0 +1,55 @@
+# kubetune developer workflow.  `make demo` and `make test` are the two commands.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY ?= .venv/bin/python
+SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image
+VENV_STAMP := .venv/.installed-stamp
+PYTEST_ARGS ?=
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+# The venv is rebuilt only when pyproject.toml changes.  torch 2.13.0 is installed
+# first: that version is the CPU wheel on this disk; anything else pulls a multi-GB CUDA build.
+$(VENV_STAMP): pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e '.[operator,trainer,dev]'
+	touch $@
+
+venv: $(VENV_STAMP) ## create .venv and install kubetune with all extras
+
+system-deps: ## install the Prometheus server and promtool used by the metrics tests (Debian)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "prometheus not installed and apt-get unavailable: metrics tests will skip"; fi; }
+
+crds: venv ## regenerate crds/ from the API models
+	$(SRC_PATH) $(PY) -m kubetune_operator.crd crds
+
+generate: crds ## regenerate every generated file
+
+verify: ## fail when a generated file differs from a fresh generation
+	$(SRC_PATH) $(PY) -m kubetune_operator.crd --check crds
+
+lint: venv ## ruff, formatting, mypy and the import-layer contracts
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(SRC_PATH) $(PY) -m mypy
+	$(SRC_PATH) .venv/bin/lint-imports
+
+test: venv system-deps lint verify ## everything CI runs: lint, verify, the whole test suite
+	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv ## train a LoRA sentiment model locally on 2 processes (see README)
+	@echo "kubetune demo: the local runtime (kubetune run) is not built yet."
+	@echo "It will run examples/local/demo.yaml: all-MiniLM-L6-v2 + LoRA on a small sentiment set, 2 local nodes."
+	$(SRC_PATH) .venv/bin/kubetune validate examples/*.yaml
+
+bench: venv ## run the benchmarks and print their JSON
+	@for b in benchmarks/*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
+
+.PHONY: help venv system-deps crds generate verify lint test demo bench
