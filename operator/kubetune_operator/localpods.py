@@ -1,0 +1,232 @@
+"""Run the pods of an attempt's Job as local process groups, exactly as specified.
+
+Shared by ``kubetune run`` and the end-to-end tests' "kubelet": a pod template
+from :func:`kubetune_operator.builders.desired_children` becomes one process
+group per completion index, with the container's command and env, Kubernetes
+``$(VAR)`` expansion, ``fieldRef``/``secretKeyRef`` resolved the way the kubelet
+would, volume mount paths mapped to local directories, the rendezvous host
+mapped to loopback and the pod's ports mapped to free local ports.
+
+:func:`plan_pod` is pure; :class:`LocalPod` is the side effect (a process group).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.spec import runtime as rt
+
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+_VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\$")
+
+
+class PodSpecError(ValueError):
+    """A pod cannot be run locally as specified (e.g. a Secret it references is not available)."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined variables are replaced, ``$$`` escapes ``$``,
+    undefined references stay as written.  No shell is involved."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return _VAR_REF.sub(replace, text)
+
+
+@dataclass(frozen=True)
+class PodLaunch:
+    """How to start one pod locally."""
+
+    name: str
+    index: int
+    argv: list[str]
+    env: dict[str, str]
+    termination_log: Path
+    metrics_port: int
+
+
+@dataclass
+class LocalLayout:
+    """Where a pod's volumes, ports and host names go on this machine."""
+
+    root: Path  # per-attempt scratch directory
+    host_aliases: dict[str, str] = field(default_factory=dict)  # pod host name -> 127.0.0.1
+    port_map: dict[int, int] = field(default_factory=dict)  # container port -> local port (shared ones)
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # Secret name -> key -> value
+    config_maps: dict[str, dict[str, str]] = field(default_factory=dict)  # ConfigMap name -> data
+    base_env: dict[str, str] = field(default_factory=dict)  # inherited (PATH, PYTHONPATH, ...)
+
+
+def _field_ref(path: str, pod_name: str, index: int, annotations: Mapping[str, str]) -> str:
+    if path == f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']":
+        return str(index)
+    match = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path)
+    if match:
+        return annotations.get(match.group(1), "")
+    values = {"metadata.name": pod_name, "status.podIP": "127.0.0.1", "spec.nodeName": socket.gethostname()}
+    if path in values:
+        return values[path]
+    raise PodSpecError(f"env fieldRef {path!r} is not supported locally")
+
+
+def _map_path(value: str, mounts: Mapping[str, Path]) -> str:
+    for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(local) + value[len(mount_path.rstrip("/")) :]
+    return value
+
+
+def _map_hosts(value: str, aliases: Mapping[str, str]) -> str:
+    return aliases.get(value, value)
+
+
+def plan_pod(pod_spec: Mapping[str, Any], job_name: str, index: int, layout: LocalLayout) -> PodLaunch:
+    """The local launch of completion index ``index`` of a Job's pod template (pure apart
+    from choosing directories under ``layout.root``, which it does not create)."""
+    container = pod_spec["containers"][0]
+    pod_name = f"{job_name}-{index}"
+    pod_dir = layout.root / f"pod-{index}"
+    mounts: dict[str, Path] = {}
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        mounts[mount["mountPath"]] = pod_dir / "volumes" / mount["name"]
+        if mount["name"] not in volumes:
+            raise PodSpecError(f"volumeMount {mount['name']!r} names no volume")
+    termination_log = pod_dir / "termination-log"
+    mounts[container.get("terminationMessagePath", rt.DEFAULT_TERMINATION_LOG)] = termination_log
+
+    ports = {p.get("name"): int(p["containerPort"]) for p in container.get("ports", [])}
+    metrics_container_port = ports.get("metrics", rt.DEFAULT_METRICS_PORT)
+    # Every pod shares this host, so each gets its own metrics port; the rendezvous
+    # port (in layout.port_map) is shared, as index 0 serves it for all.
+    metrics_port = free_port()
+    pod_ports = {**layout.port_map, metrics_container_port: metrics_port}
+
+    def localize(value: str) -> str:
+        value = _map_hosts(value, layout.host_aliases)
+        if value.isdigit() and int(value) in pod_ports:
+            return str(pod_ports[int(value)])
+        return _map_path(value, mounts)
+
+    env: dict[str, str] = dict(layout.base_env)
+    for entry in container.get("env", []):
+        name = entry["name"]
+        if "value" in entry:
+            env[name] = localize(expand_vars(str(entry["value"]), env))
+            continue
+        source = entry.get("valueFrom", {})
+        if "fieldRef" in source:
+            env[name] = _field_ref(source["fieldRef"]["fieldPath"], pod_name, index, {})
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            secret = layout.secrets.get(ref["name"], {})
+            if ref["key"] in secret:
+                env[name] = secret[ref["key"]]
+            elif not ref.get("optional", False):
+                raise PodSpecError(f"Secret {ref['name']!r} has no key {ref['key']!r} available locally")
+        else:
+            raise PodSpecError(f"env {name}: only value, fieldRef and secretKeyRef are supported locally")
+
+    words = [*container.get("command", []), *container.get("args", [])]
+    argv = [localize(expand_vars(word, env)) for word in words]
+    # The image's interpreter is this machine's interpreter (the one kubetune runs in).
+    if argv and argv[0] in ("python", "python3"):
+        argv = [sys.executable, *argv[1:]]
+    elif argv and argv[0] == "torchrun" and shutil.which("torchrun", path=env.get("PATH")) is None:
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    return PodLaunch(pod_name, index, argv, env, termination_log, metrics_port)
+
+
+def materialize_volumes(pod_spec: Mapping[str, Any], launch: PodLaunch, layout: LocalLayout) -> None:
+    """Create the pod's volume directories and fill ConfigMap volumes with their data."""
+    pod_dir = launch.termination_log.parent
+    for volume in pod_spec.get("volumes", []):
+        target = pod_dir / "volumes" / volume["name"]
+        target.mkdir(parents=True, exist_ok=True)
+        if "configMap" in volume:
+            name = volume["configMap"]["name"]
+            if name not in layout.config_maps:
+                raise PodSpecError(f"ConfigMap {name!r} for volume {volume['name']!r} is not available")
+            for key, text in layout.config_maps[name].items():
+                (target / key).write_text(text)
+    launch.termination_log.parent.mkdir(parents=True, exist_ok=True)
+    launch.termination_log.write_text("")
+
+
+class LocalPod:
+    """One running pod: a process group started from a :class:`PodLaunch`."""
+
+    def __init__(self, launch: PodLaunch, *, log_path: Path | None = None, cwd: Path | None = None) -> None:
+        self.launch = launch
+        self._log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed in wait/close)
+        self.process = subprocess.Popen(  # noqa: S603 (argv from our own builder, never a shell)
+            launch.argv,
+            env=launch.env,
+            cwd=cwd,
+            stdout=self._log if self._log else None,
+            stderr=subprocess.STDOUT if self._log else None,
+            start_new_session=True,  # its own process group: signals reach torchrun and every rank
+        )
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the pod finished (negative: killed by that signal)."""
+        return self.process.poll()
+
+    def termination_message(self) -> str:
+        """What the trainer wrote to its termination-message file."""
+        try:
+            return self.launch.termination_log.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        """Signal the pod as the kubelet signals a container: SIGTERM goes to the main
+        process only (the launcher forwards it to the ranks), SIGKILL to every process."""
+        if self.process.poll() is not None:
+            return
+        try:
+            if signum == signal.SIGKILL:
+                os.killpg(self.process.pid, signum)
+            else:
+                os.kill(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_seconds: float) -> int:
+        """SIGTERM, then SIGKILL after the grace period; the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+        self.close()
+        return int(self.process.returncode)
+
+    def close(self) -> None:
+        """Release the log file."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
