@@ -42,7 +42,9 @@ def crd() -> None:
 
 
 @app.command()
-def render(file: Annotated[Path, typer.Argument(help="FineTuneJob manifests (several documents each are fine).")]) -> None:
+def render(
+    file: Annotated[Path, typer.Argument(help="FineTuneJob manifests (several documents each are fine).")],
+) -> None:
     """Print the objects the operator would create for each FineTuneJob (for review and GitOps)."""
     from kubetune_operator.render import render_manifests
     from kubetune_operator.settings import load_settings

@@ -124,6 +124,9 @@ def plan_pod(pod_spec: Mapping[str, Any], job_name: str, index: int, layout: Loc
     pod_ports = {**layout.port_map, metrics_container_port: metrics_port}
 
     def localize(value: str) -> str:
+        if value.startswith("--") and "=" in value:  # --flag=value: localize the value
+            flag, _, rest = value.partition("=")
+            return f"{flag}={localize(rest)}"
         value = _map_hosts(value, layout.host_aliases)
         if value.isdigit() and int(value) in pod_ports:
             return str(pod_ports[int(value)])

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.spec import FineTuneJob
+from kubetune_trainer.spec import runtime as rt
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -30,8 +32,6 @@ from kubetune_operator.localpods import LocalLayout, LocalPod, free_port, materi
 from kubetune_operator.progress import parse_progress
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
-from kubetune_trainer.spec import FineTuneJob
-from kubetune_trainer.spec import runtime as rt
 
 LOCAL_IMAGE = "local"
 INTERRUPTED_EXIT = 130
@@ -73,7 +73,7 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[FineTuneJob, Pa
 def read_progress(port: int, now: datetime) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(progress, checkpoint)`` from rank 0's metrics endpoint, or None while it is not up."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
         return None
