@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubetune_trainer.spec import GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
 from kubetune_trainer.spec._base import Rule
 

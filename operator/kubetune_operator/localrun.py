@@ -20,8 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.spec import FineTuneJob
-from kubetune_trainer.spec import runtime as rt
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,6 +30,8 @@ from kubetune_operator.localpods import LocalLayout, LocalPod, free_port, materi
 from kubetune_operator.progress import parse_progress
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
+from kubetune_trainer.spec import FineTuneJob
+from kubetune_trainer.spec import runtime as rt
 
 LOCAL_IMAGE = "local"
 INTERRUPTED_EXIT = 130

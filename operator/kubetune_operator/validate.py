@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubetune_trainer.spec import API_VERSION, KIND, FineTuneJob
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
+
+from kubetune_trainer.spec import API_VERSION, KIND, FineTuneJob
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
 from kubetune_operator.localpods import (
     COMPLETION_INDEX_ANNOTATION,
     LocalLayout,

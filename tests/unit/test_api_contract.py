@@ -21,11 +21,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from kubetune_operator.crd import CRD_FILE_NAME, custom_resource_definition, render_crd_yaml
 from kubetune_operator.validate import problems_of_document, validate_files
 from kubetune_trainer.spec import FineTuneJob
-from pydantic import ValidationError
-
 from tests.support.crd_validator import CrdValidator, apply_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
