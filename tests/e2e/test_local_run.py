@@ -1,0 +1,108 @@
+"""`kubetune run`: two local "nodes" train for real; Ctrl-C checkpoints; running again resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.tiny_models import sentiment_rows, tiny_bert, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job(tmp_path: Path, *, max_steps: int, every: int) -> Path:
+    model = tiny_bert(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(320, seed=1))
+    validation = write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(64, seed=2))
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "local-resume"},
+        "spec": {
+            "model": {
+                "source": f"file://{model}",
+                "task": "sequence-classification",
+                "labels": ["negative", "positive"],
+            },
+            "dataset": {"train": str(train), "validation": str(validation), "maxLength": 32},
+            "strategy": {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["query", "value"]}},
+            "training": {
+                "maxSteps": max_steps,
+                "learningRate": 5e-3,
+                "microBatchSize": 8,
+                "precision": "fp32",
+                "logEverySteps": 1,
+                "evaluation": {"everySteps": max_steps},
+            },
+            "deepspeed": {"zeroStage": 2},
+            "resources": {"nodes": 2, "processesPerNode": 1},
+            "checkpoint": {"everySteps": every, "keepLast": 2},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def _run(job: Path, storage: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}:{REPO}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune_operator.cli", "run", str(job), "--storage", str(storage)],
+        cwd=job.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _latest(storage: Path) -> str | None:
+    latest = storage / "checkpoints" / "LATEST"
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def _pod_logs(storage: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((storage / ".local").glob("*/*.log")))
+
+
+def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
+    job = _job(tmp_path, max_steps=60, every=4)
+    storage = tmp_path / "runs"
+    first = _run(job, storage)
+    deadline = time.monotonic() + 300
+    while _latest(storage) is None:
+        assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.communicate()[0]}"
+        assert time.monotonic() < deadline, "no checkpoint committed within 300 s"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+    output, _ = first.communicate(timeout=240)
+    assert first.returncode == 130, output
+    assert "run the same command again to resume" in output
+    interrupted_at = _latest(storage)
+    assert interrupted_at is not None
+    step = int(interrupted_at.rsplit("-", 1)[-1])
+    assert 0 < step < 60, interrupted_at
+    manifest = json.loads((storage / "checkpoints" / interrupted_at / "MANIFEST.json").read_text())
+    assert manifest["step"] == step
+
+    logs_before = _pod_logs(storage)
+    second = _run(job, storage)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    new_logs = (
+        _pod_logs(storage)[len(logs_before) :] if _pod_logs(storage).startswith(logs_before) else _pod_logs(storage)
+    )
+    assert f"step-{step:08d}" in new_logs, "the second run does not say it resumed from the interrupted checkpoint"
+    assert _latest(storage) == f"step-{60:08d}"
+    assert (storage / "output" / "kubetune-metrics.json").exists()
+    assert "accuracy" in output
