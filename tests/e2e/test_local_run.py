@@ -71,8 +71,9 @@ def _latest(storage: Path) -> str | None:
     return latest.read_text().strip() if latest.exists() else None
 
 
-def _pod_logs(storage: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((storage / ".local").glob("*/*.log")))
+def _newest_pod_logs(storage: Path) -> str:
+    newest = max((storage / ".local").iterdir(), key=lambda p: p.name)  # one timestamped folder per run
+    return "\n".join(p.read_text(errors="replace") for p in sorted(newest.glob("*.log")))
 
 
 def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
@@ -95,7 +96,6 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
     manifest = json.loads((storage / "checkpoints" / interrupted_at / "MANIFEST.json").read_text())
     assert manifest["step"] == step
 
-    logs_before = _pod_logs(storage)
     second = _run(job, storage)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
