@@ -99,9 +99,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
     second = _run(job, storage)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
-    new_logs = (
-        _pod_logs(storage)[len(logs_before) :] if _pod_logs(storage).startswith(logs_before) else _pod_logs(storage)
-    )
+    new_logs = _newest_pod_logs(storage)
     assert f"step-{step:08d}" in new_logs, "the second run does not say it resumed from the interrupted checkpoint"
     assert _latest(storage) == f"step-{60:08d}"
     assert (storage / "output" / "kubetune-metrics.json").exists()
