@@ -1,0 +1,146 @@
+"""The storage interface against the real S3 protocol (moto on loopback) and a local directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.storage import (
+    LocalStore,
+    ObjectInfo,
+    RetryPolicy,
+    S3Store,
+    StorageError,
+    StorageUnavailable,
+    Store,
+    open_store,
+)
+from tests.support.s3 import FAKE_CREDENTIALS, S3Endpoint, free_port
+
+FAST_RETRY = RetryPolicy(attempts=3, base_seconds=0.05, max_seconds=0.2)
+
+
+@pytest.fixture(params=["s3", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "s3":
+        endpoint: S3Endpoint = request.getfixturevalue("s3_server")
+        yield open_store(endpoint.uri("jobs/a"), endpoint=endpoint.endpoint, retry=FAST_RETRY)
+    else:
+        yield open_store((tmp_path / "store").as_uri())
+
+
+def test_open_store_picks_the_implementation(tmp_path: Path, s3_server: S3Endpoint) -> None:
+    assert isinstance(open_store(s3_server.uri("x/y"), endpoint=s3_server.endpoint), S3Store)
+    assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    with pytest.raises(StorageError, match="unsupported storage URI"):
+        open_store("ftp://host/x")
+    with pytest.raises(StorageError, match="bucket"):
+        open_store("s3:///nobucket")
+
+
+def test_bytes_round_trip_exists_and_delete(store: Store) -> None:
+    assert not store.exists("a/b.txt")
+    store.put_bytes("a/b.txt", b"hello")
+    assert store.exists("a/b.txt")
+    assert store.get_bytes("a/b.txt") == b"hello"
+    store.delete("a/b.txt")
+    assert not store.exists("a/b.txt")
+    with pytest.raises(FileNotFoundError, match=r"a/b\.txt"):
+        store.get_bytes("a/b.txt")
+    store.delete("a/b.txt")  # absent: no error
+
+
+def test_list_is_a_string_prefix_and_sorted(store: Store) -> None:
+    for key in ["checkpoints/step-00000010/x", "checkpoints/step-00000002/y", "checkpoints/LATEST", "other"]:
+        store.put_bytes(key, key.encode())
+    assert [o.key for o in store.list("checkpoints/")] == [
+        "checkpoints/LATEST",
+        "checkpoints/step-00000002/y",
+        "checkpoints/step-00000010/x",
+    ]
+    assert [o.key for o in store.list("checkpoints/step-")] == [
+        "checkpoints/step-00000002/y",
+        "checkpoints/step-00000010/x",
+    ]
+    assert store.list("checkpoints/step-00000010/") == [
+        ObjectInfo("checkpoints/step-00000010/x", len("checkpoints/step-00000010/x"))
+    ]
+    assert len(store.list("")) == 4
+    store.delete_prefix("checkpoints/step-00000002/")
+    assert [o.key for o in store.list("")] == ["checkpoints/LATEST", "checkpoints/step-00000010/x", "other"]
+
+
+def test_large_file_and_directory_round_trip(store: Store, tmp_path: Path) -> None:
+    # 17 MiB: above the 8 MiB multipart threshold of the S3 store, so parts go in parallel.
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    big = os.urandom(17 * 1024 * 1024)
+    (src / "big.bin").write_bytes(big)
+    (src / "sub" / "small.txt").write_bytes(b"small")
+    uploaded = store.upload_dir(src, "ckpt/step-1")
+    assert uploaded == [ObjectInfo("ckpt/step-1/big.bin", len(big)), ObjectInfo("ckpt/step-1/sub/small.txt", 5)]
+    assert store.list("ckpt/") == uploaded
+
+    dst = tmp_path / "dst"
+    paths = store.download_prefix("ckpt/step-1", dst)
+    assert paths == [dst / "big.bin", dst / "sub" / "small.txt"]
+    assert (dst / "big.bin").read_bytes() == big
+    store.get_file("ckpt/step-1/sub/small.txt", tmp_path / "one" / "file")
+    assert (tmp_path / "one" / "file").read_bytes() == b"small"
+    store.put_file(src / "big.bin", "single")
+    assert store.list("single") == [ObjectInfo("single", len(big))]
+    # No temporary files are left next to the downloads.
+    assert sorted(p.name for p in dst.rglob("*")) == ["big.bin", "small.txt", "sub"]
+
+
+def test_abort_incomplete_multipart_uploads(s3_server: S3Endpoint) -> None:
+    client = s3_server.client()
+    client.create_multipart_upload(Bucket=s3_server.bucket, Key="jobs/a/checkpoints/step-00000005/shard")
+    client.create_multipart_upload(Bucket=s3_server.bucket, Key="elsewhere/shard")
+    store = open_store(s3_server.uri("jobs/a"), endpoint=s3_server.endpoint)
+    assert store.abort_incomplete_uploads("checkpoints/") == 1
+    remaining = client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", [])
+    assert [u["Key"] for u in remaining] == ["elsewhere/shard"]
+
+
+def test_local_store_removes_leftover_temporary_files(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "shard.kubetune-tmp-123").write_bytes(b"half")
+    assert store.list("checkpoints/") == []
+    assert store.abort_incomplete_uploads("checkpoints/") == 1
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_unreachable_endpoint_raises_storage_unavailable_without_leaking_credentials(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    store = open_store("s3://bucket/x", endpoint=f"http://127.0.0.1:{free_port()}", retry=FAST_RETRY)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StorageUnavailable, match="after 3 attempts"):
+        store.put_bytes("k", b"v")
+    (tmp_path / "f").write_bytes(b"v")
+    with pytest.raises(StorageUnavailable):
+        store.upload_dir(tmp_path, "p")
+    assert "retrying in" in caplog.text
+    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+
+
+def test_missing_bucket_is_a_permanent_error(s3_server: S3Endpoint) -> None:
+    store = open_store("s3://no-such-bucket/x", endpoint=s3_server.endpoint, retry=FAST_RETRY)
+    with pytest.raises(StorageError) as info:
+        store.put_bytes("k", b"v")
+    assert not isinstance(info.value, StorageUnavailable)
+
+
+def test_keys_may_not_escape_the_root(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "root"))
+    with pytest.raises(StorageError, match="invalid storage key"):
+        store.put_bytes("../outside", b"x")
