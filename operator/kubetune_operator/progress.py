@@ -1,0 +1,81 @@
+"""Live progress from rank 0's Prometheus endpoint, as ``status.progress``/``status.checkpoint``.
+
+Pure: text in, dicts out.  The pods need no API credentials; the operator (or
+``kubetune run``) scrapes them and writes the status.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune_operator.conditions import rfc3339
+
+STEP = "kubetune_trainer_step"
+TOTAL_STEPS = "kubetune_trainer_total_steps"
+EPOCH = "kubetune_trainer_epoch"
+LOSS = "kubetune_trainer_loss"
+SAMPLES_PER_SECOND = "kubetune_trainer_samples_per_second"
+TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
+ETA_SECONDS = "kubetune_trainer_eta_seconds"
+CHECKPOINT_STEP = "kubetune_trainer_checkpoint_step"
+CHECKPOINT_TIMESTAMP = "kubetune_trainer_checkpoint_timestamp_seconds"
+
+
+def _samples(metrics_text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return found
+
+
+def _value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float | None:
+    for sample_labels, value in samples.get(name, []):
+        if all(sample_labels.get(k) == v for k, v in labels.items()) and math.isfinite(value):
+            return value
+    return None
+
+
+def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(progress, checkpoint)`` in the status' camelCase, or None when the text holds no
+    training step yet (or is not Prometheus text).  ``checkpoint`` is ``{}`` before the
+    first committed checkpoint."""
+    try:
+        samples = _samples(metrics_text)
+    except (ValueError, TypeError):
+        return None
+    step = _value(samples, STEP)
+    if step is None:
+        return None
+    progress: dict[str, Any] = {"step": int(step)}
+    total = _value(samples, TOTAL_STEPS)
+    if total is not None and total > 0:
+        progress["totalSteps"] = int(total)
+    epoch = _value(samples, EPOCH)
+    if epoch is not None:
+        progress["epoch"] = round(epoch, 4)
+    loss = _value(samples, LOSS, component="total")
+    if loss is None:
+        loss = _value(samples, LOSS)
+    if loss is not None:
+        progress["loss"] = round(loss, 6)
+    for name, key in ((SAMPLES_PER_SECOND, "samplesPerSecond"), (TOKENS_PER_SECOND, "tokensPerSecond")):
+        rate = _value(samples, name)
+        if rate is not None:
+            progress[key] = round(rate, 3)
+    eta = _value(samples, ETA_SECONDS)
+    if eta is not None and eta >= 0:
+        progress["eta"] = rfc3339(now + timedelta(seconds=eta))
+    progress["updated"] = rfc3339(now)
+    checkpoint: dict[str, Any] = {}
+    checkpoint_step = _value(samples, CHECKPOINT_STEP)
+    if checkpoint_step is not None and checkpoint_step > 0:
+        checkpoint["step"] = int(checkpoint_step)
+        stamp = _value(samples, CHECKPOINT_TIMESTAMP)
+        if stamp is not None and stamp > 0:
+            checkpoint["time"] = rfc3339(datetime.fromtimestamp(stamp, tz=UTC))
+    return progress, checkpoint
