@@ -1,0 +1,215 @@
+"""Prometheus alert rules for kubetune, written as a plain rules file the chart also ships as a PrometheusRule.
+
+Run ``python -m kubetune_operator.monitoring.alerts [--check] [FILE]`` (default FILE:
+``charts/kubetune/rules/kubetune-alerts.yaml``).  The same ``groups`` list is the ``spec`` of the chart's
+PrometheusRule, so Prometheus servers with and without the Prometheus Operator evaluate identical rules.
+``tests/monitoring`` runs ``promtool check rules`` and ``promtool test rules`` (each alert firing and not
+firing) against the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune_operator.monitoring._generated import write_or_check
+from kubetune_operator.monitoring.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB
+
+DEFAULT_FILE = Path("charts/kubetune/rules/kubetune-alerts.yaml")
+RUNBOOK_BASE_URL = "https://github.com/kubetune/kubetune/blob/main/docs/runbooks.md"
+
+#: Thresholds, in seconds.  Static on purpose: the rules file is plain YAML shared by both install paths.
+STALL_SECONDS = 15 * 60
+CHECKPOINT_OVERDUE_SECONDS = 60 * 60
+
+_BY_JOB = f"namespace, {JOB_NAME_LABEL}"
+_ON_JOB = f"on ({_BY_JOB})"
+_TOTAL_LOSS = 'kubetune_trainer_loss{component="total"}'
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alerting rule with its runbook anchor (the lower-cased alert name)."""
+
+    name: str
+    expr: str
+    duration: str
+    severity: str
+    summary: str
+    description: str
+
+    @property
+    def runbook_url(self) -> str:
+        """Link to this alert's section of docs/runbooks.md."""
+        return f"{RUNBOOK_BASE_URL}#{self.name.lower()}"
+
+
+def _max_by_job(expr: str) -> str:
+    return f"max by ({_BY_JOB}) ({expr})"
+
+
+OPERATOR_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        name="KubetuneOperatorDown",
+        expr=f'absent(up{{job="{OPERATOR_SCRAPE_JOB}"}} == 1)',
+        duration="5m",
+        severity="critical",
+        summary="The kubetune operator is down.",
+        description=(
+            "No kubetune operator replica has been scraped successfully for 5 minutes: FineTuneJobs are not "
+            "reconciled, failed attempts are not restarted and status is not updated."
+        ),
+    ),
+    Alert(
+        name="ReconcileErrors",
+        expr="sum(rate(kubetune_operator_reconcile_errors_total[5m])) > 0",
+        duration="15m",
+        severity="warning",
+        summary="The kubetune operator keeps failing to reconcile FineTuneJobs.",
+        description=(
+            "Reconciles have raised errors continuously for 15 minutes "
+            "({{ $value | humanize }} errors/s). Check the operator logs and its RBAC."
+        ),
+    ),
+    Alert(
+        name="FineTuneJobFailed",
+        expr='max(kubetune_operator_jobs{phase="Failed"}) > 0',
+        duration="0m",
+        severity="warning",
+        summary="A FineTuneJob failed.",
+        description=(
+            "{{ $value }} FineTuneJob(s) are in phase Failed. "
+            "`kubectl get finetunejobs -A` lists them; the Failed condition carries the reason and message."
+        ),
+    ),
+)
+
+TRAINER_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        name="TrainingStalled",
+        expr=(
+            f"(time() - {_max_by_job('kubetune_trainer_last_step_timestamp_seconds > 0')} > {STALL_SECONDS})\n"
+            f"and {_ON_JOB}\n"
+            f"({_max_by_job('kubetune_trainer_step')} < {_max_by_job('kubetune_trainer_total_steps')})"
+        ),
+        duration="0m",
+        severity="warning",
+        summary="FineTuneJob {{ $labels.namespace }}/{{ $labels.job_name }} makes no progress.",
+        description=(
+            "No optimizer step finished for {{ $value | humanizeDuration }} while the job is running "
+            "(15 minutes is the threshold): a hung collective, a stuck data loader or a dead rank."
+        ),
+    ),
+    Alert(
+        name="LossNotFinite",
+        expr=(
+            f"{_max_by_job('kubetune_trainer_nonfinite_loss_total')} > 0\n"
+            f"or count by ({_BY_JOB}) "
+            '(kubetune_trainer_loss{component="total"} != kubetune_trainer_loss{component="total"})\n'
+            f"or count by ({_BY_JOB}) "
+            '(abs(kubetune_trainer_loss{component="total"}) == +Inf)'
+        ),
+        duration="0m",
+        severity="critical",
+        summary="FineTuneJob {{ $labels.namespace }}/{{ $labels.job_name }} produced a NaN or infinite loss.",
+        description=(
+            "The training loss became NaN or infinite. The trainer stops with reason NonFiniteLoss unless "
+            "mixed-precision loss scaling skipped the step; lower the learning rate or use bf16."
+        ),
+    ),
+    Alert(
+        name="CheckpointOverdue",
+        expr=(
+            f"(time() - {_max_by_job('kubetune_trainer_checkpoint_timestamp_seconds > 0')} "
+            f"> {CHECKPOINT_OVERDUE_SECONDS})\n"
+            f"and {_ON_JOB}\n"
+            f"({_max_by_job('kubetune_trainer_step')} > {_max_by_job('kubetune_trainer_checkpoint_step')})"
+        ),
+        duration="0m",
+        severity="warning",
+        summary="FineTuneJob {{ $labels.namespace }}/{{ $labels.job_name }} has not checkpointed for an hour.",
+        description=(
+            "The last committed checkpoint is {{ $value | humanizeDuration }} old although training advanced "
+            "past it: a restart now loses that work. Check object-storage reachability and upload durations."
+        ),
+    ),
+    Alert(
+        name="TrainingLossRising",
+        expr=(
+            f"{_max_by_job(f'avg_over_time({_TOTAL_LOSS}[30m])')}\n"
+            f"> 1.5 * {_max_by_job(f'avg_over_time({_TOTAL_LOSS}[30m] offset 30m)')}"
+        ),
+        duration="15m",
+        severity="info",
+        summary="The training loss of {{ $labels.namespace }}/{{ $labels.job_name }} is rising.",
+        description=(
+            "The mean total loss of the last 30 minutes is more than 1.5 times that of the 30 minutes before: "
+            "the learning rate may be too high or the data may have changed."
+        ),
+    ),
+)
+
+ALERTS: tuple[Alert, ...] = OPERATOR_ALERTS + TRAINER_ALERTS
+
+
+def _rule(alert: Alert) -> dict[str, Any]:
+    rule: dict[str, Any] = {"alert": alert.name, "expr": alert.expr}
+    if alert.duration != "0m":
+        rule["for"] = alert.duration
+    rule["labels"] = {"severity": alert.severity}
+    rule["annotations"] = {
+        "summary": alert.summary,
+        "description": alert.description,
+        "runbook_url": alert.runbook_url,
+    }
+    return rule
+
+
+def rule_groups() -> dict[str, Any]:
+    """The Prometheus rules-file document (also the ``spec`` of the chart's PrometheusRule)."""
+    return {
+        "groups": [
+            {"name": "kubetune-operator", "rules": [_rule(a) for a in OPERATOR_ALERTS]},
+            {"name": "kubetune-training", "rules": [_rule(a) for a in TRAINER_ALERTS]},
+        ]
+    }
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Multi-line strings as ``|`` blocks so the committed PromQL stays readable."""
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_LiteralDumper.add_representer(str, _str_presenter)
+
+
+def render() -> str:
+    """The rules file text."""
+    header = "# Generated by `python -m kubetune_operator.monitoring.alerts`; do not edit.\n"
+    body = yaml.dump(rule_groups(), Dumper=_LiteralDumper, sort_keys=False, width=1000, allow_unicode=True)
+    return header + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the rules file, or with ``--check`` fail when the committed file is stale."""
+    parser = argparse.ArgumentParser(prog="python -m kubetune_operator.monitoring.alerts")
+    parser.add_argument("file", nargs="?", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--check", action="store_true", help="fail when the committed rules file differs")
+    args = parser.parse_args(argv)
+    problems = write_or_check({args.file: render()}, check=args.check)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
