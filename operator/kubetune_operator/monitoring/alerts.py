@@ -42,6 +42,7 @@ class Alert:
     severity: str
     summary: str
     description: str
+    brief: str  # one plain line for the README and docs (no template placeholders)
 
     @property
     def runbook_url(self) -> str:
@@ -64,6 +65,7 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
             "No kubetune operator replica has been scraped successfully for 5 minutes: FineTuneJobs are not "
             "reconciled, failed attempts are not restarted and status is not updated."
         ),
+        brief="No operator replica has been scraped successfully for 5 minutes.",
     ),
     Alert(
         name="ReconcileErrors",
@@ -75,6 +77,7 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
             "Reconciles have raised errors continuously for 15 minutes "
             "({{ $value | humanize }} errors/s). Check the operator logs and its RBAC."
         ),
+        brief="Reconciles have raised errors continuously for 15 minutes.",
     ),
     Alert(
         name="FineTuneJobFailed",
@@ -86,6 +89,7 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
             "{{ $value }} FineTuneJob(s) are in phase Failed. "
             "`kubectl get finetunejobs -A` lists them; the Failed condition carries the reason and message."
         ),
+        brief="At least one FineTuneJob is in phase Failed.",
     ),
 )
 
@@ -104,6 +108,7 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
             "No optimizer step finished for {{ $value | humanizeDuration }} while the job is running "
             "(15 minutes is the threshold): a hung collective, a stuck data loader or a dead rank."
         ),
+        brief="A running job finished no optimizer step for 15 minutes.",
     ),
     Alert(
         name="LossNotFinite",
@@ -121,6 +126,7 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
             "The training loss became NaN or infinite. The trainer stops with reason NonFiniteLoss unless "
             "mixed-precision loss scaling skipped the step; lower the learning rate or use bf16."
         ),
+        brief="A job's loss became NaN or infinite (or non-finite steps were skipped).",
     ),
     Alert(
         name="CheckpointOverdue",
@@ -137,6 +143,7 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
             "The last committed checkpoint is {{ $value | humanizeDuration }} old although training advanced "
             "past it: a restart now loses that work. Check object-storage reachability and upload durations."
         ),
+        brief="A job advanced past its last checkpoint, committed over an hour ago.",
     ),
     Alert(
         name="TrainingLossRising",
@@ -151,6 +158,7 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
             "The mean total loss of the last 30 minutes is more than 1.5 times that of the 30 minutes before: "
             "the learning rate may be too high or the data may have changed."
         ),
+        brief="A job's mean loss over 30 minutes is 1.5× that of the 30 minutes before.",
     ),
 )
 
