@@ -1,0 +1,135 @@
+"""Trainer failures, their exit codes, and the termination message the operator reads.
+
+Every failure the trainer can explain is a :class:`TrainerError` subclass that
+carries its :class:`ExitCode` and the CamelCase ``reason`` of the team contract.
+``write_termination`` writes the one JSON object (< 4 KiB) that Kubernetes turns
+into the pod's termination message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.spec.runtime import DEFAULT_TERMINATION_LOG, ENV_TERMINATION_LOG, ExitCode
+
+MAX_TERMINATION_BYTES = 4000  # Kubernetes keeps at most 4096 bytes of the termination message
+
+
+class TrainerError(Exception):
+    """A failure with a known classification: exit code + CamelCase reason + one human line."""
+
+    exit_code: ExitCode = ExitCode.RETRYABLE
+    reason: str = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = " ".join(message.split())  # one line, always
+
+
+class InvalidSpec(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """The trainer config does not validate (permanent)."""
+
+    exit_code = ExitCode.INVALID_SPEC
+    reason = "InvalidSpec"
+
+
+class InvalidData(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """Missing file or field, unknown label, empty dataset (permanent)."""
+
+    exit_code = ExitCode.INVALID_DATA
+    reason = "InvalidData"
+
+
+class InvalidModel(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """The backbone is missing or unloadable, or the strategy does not fit it (permanent)."""
+
+    exit_code = ExitCode.INVALID_MODEL
+    reason = "InvalidModel"
+
+
+class NonFiniteLoss(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """The loss became NaN or infinite (permanent: retrying replays the same data)."""
+
+    exit_code = ExitCode.NON_FINITE_LOSS
+    reason = "NonFiniteLoss"
+
+
+class StorageUnavailable(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """Object storage could not be reached (retryable)."""
+
+    exit_code = ExitCode.RETRYABLE
+    reason = "StorageUnavailable"
+
+
+def termination_log_path() -> Path:
+    """Where the termination message goes (env ``KUBETUNE_TERMINATION_LOG``)."""
+    return Path(os.environ.get(ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG))
+
+
+def termination_payload(reason: str, message: str, exit_code: int, **extra: Any) -> bytes:
+    """The JSON termination message, shortened so that it stays below 4 KiB."""
+    body: dict[str, Any] = {"reason": reason, "message": " ".join(message.split()), "exitCode": int(exit_code)}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    data = json.dumps(body, separators=(",", ":"), sort_keys=False).encode()
+    if len(data) > MAX_TERMINATION_BYTES:
+        # Extras go first (they are the bulky part), then the message is cut.
+        body = {"reason": reason, "message": body["message"], "exitCode": int(exit_code)}
+        data = json.dumps(body).encode()
+        while len(data) > MAX_TERMINATION_BYTES:
+            body["message"] = body["message"][: len(body["message"]) // 2] + "..."
+            data = json.dumps(body).encode()
+    return data
+
+
+def write_termination(
+    reason: str, message: str, exit_code: int, *, overwrite: bool = False, path: Path | None = None, **extra: Any
+) -> bool:
+    """Write the termination message; the first writer on a node wins unless ``overwrite``.
+
+    Several local ranks may fail at once (each sees the same bad data); a file
+    lock plus the "only when empty" rule keeps the first, most specific reason.
+    Returns whether this call wrote the file.
+    """
+    target = path or termination_log_path()
+    payload = termination_payload(reason, message, exit_code, **extra)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "r+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            existing = handle.read()
+            if existing.strip() and not overwrite:
+                return False
+            handle.seek(0)
+            handle.truncate()
+            handle.write(payload)
+            handle.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(handle.fileno())
+            return True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_termination(path: Path | None = None) -> dict[str, Any] | None:
+    """The termination message written so far, or None when absent or unreadable."""
+    target = path or termination_log_path()
+    try:
+        text = target.read_text()
+    except OSError:
+        return None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

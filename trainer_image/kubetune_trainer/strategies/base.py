@@ -1,0 +1,52 @@
+"""What every strategy returns, and parameter counting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StrategyContext:
+    """Facts a strategy may need besides its own settings."""
+
+    task: Any  # kubetune_trainer.spec.Task
+    backbone_path: str
+    total_steps: int
+    zero_stage: int
+
+
+@dataclass
+class Prepared:
+    """The model after the strategy was applied.
+
+    ``publish_as`` tells ``publish.py`` what to write: ``"model"`` (full
+    safetensors weights) or ``"peft"`` (a PEFT adapter).  ``num_virtual_tokens``
+    is how many positions prompt tuning prepends to causal-LM logits.
+    """
+
+    model: Any
+    publish_as: str
+    num_virtual_tokens: int = 0
+    prefix_positions_in_logits: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def numel(param: Any) -> int:
+    """Element count of a parameter, also when ZeRO-3 has partitioned it away (``ds_numel``)."""
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

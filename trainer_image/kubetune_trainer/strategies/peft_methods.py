@@ -1,0 +1,135 @@
+"""PEFT-backed strategies: lora, adalora, ia3, prefix, prompt.
+
+Each ``*_config`` is a pure mapping from our spec model to PEFT's config
+object; :func:`apply_peft` wraps the model.  PEFT picks default target modules
+per architecture when the spec leaves them out, adds the classification head
+to ``modules_to_save`` for classification tasks, and writes an adapter that
+plain ``peft`` loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_trainer.errors import InvalidModel
+from kubetune_trainer.spec import AdaLoraConfig, Ia3Config, LoraConfig, PrefixConfig, PromptConfig, Task
+from kubetune_trainer.strategies.base import Prepared, StrategyContext
+
+
+def task_type(task: Task) -> Any:
+    """PEFT's task type for ours (masked-LM has none: PEFT then keeps the pretrained MLM head frozen)."""
+    from peft import TaskType
+
+    return {
+        Task.SEQUENCE_CLASSIFICATION: TaskType.SEQ_CLS,
+        Task.TOKEN_CLASSIFICATION: TaskType.TOKEN_CLS,
+        Task.CAUSAL_LM: TaskType.CAUSAL_LM,
+        Task.MASKED_LM: None,
+    }[task]
+
+
+def _targets(value: list[str] | None) -> list[str] | None:
+    return list(value) if value is not None else None
+
+
+def lora_config(settings: LoraConfig, ctx: StrategyContext) -> Any:
+    """PEFT ``LoraConfig`` for ``strategy.lora``."""
+    import peft
+
+    return peft.LoraConfig(
+        task_type=task_type(ctx.task),
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=_targets(settings.target_modules),
+        bias=settings.bias,
+    )
+
+
+def adalora_config(settings: AdaLoraConfig, ctx: StrategyContext) -> Any:
+    """PEFT ``AdaLoraConfig`` for ``strategy.adalora`` (``total_step`` is the run's optimizer steps)."""
+    import peft
+
+    total = max(ctx.total_steps, 3)
+    tinit = int(settings.tinit_ratio * total)
+    tfinal = int(settings.tfinal_ratio * total)
+    if tinit + tfinal >= total:  # PEFT requires a non-empty budgeting phase
+        tinit, tfinal = 0, 0
+    return peft.AdaLoraConfig(
+        task_type=task_type(ctx.task),
+        init_r=settings.init_r,
+        target_r=settings.target_r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=_targets(settings.target_modules),
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=settings.delta_t,
+        orth_reg_weight=settings.orth_reg_weight,
+        total_step=total,
+    )
+
+
+def ia3_config(settings: Ia3Config, ctx: StrategyContext) -> Any:
+    """PEFT ``IA3Config`` for ``strategy.ia3``."""
+    import peft
+
+    return peft.IA3Config(
+        task_type=task_type(ctx.task),
+        target_modules=_targets(settings.target_modules),
+        feedforward_modules=_targets(settings.feedforward_modules),
+    )
+
+
+def prefix_config(settings: PrefixConfig, ctx: StrategyContext) -> Any:
+    """PEFT ``PrefixTuningConfig`` for ``strategy.prefix``."""
+    import peft
+
+    return peft.PrefixTuningConfig(
+        task_type=task_type(ctx.task),
+        num_virtual_tokens=settings.num_virtual_tokens,
+        prefix_projection=settings.projection,
+    )
+
+
+def prompt_config(settings: PromptConfig, ctx: StrategyContext) -> Any:
+    """PEFT ``PromptTuningConfig`` for ``strategy.prompt`` (initialized from ``initText`` when given)."""
+    import peft
+
+    kwargs: dict[str, Any] = {}
+    if settings.init_text:
+        kwargs = {
+            "prompt_tuning_init": peft.PromptTuningInit.TEXT,
+            "prompt_tuning_init_text": settings.init_text,
+            "tokenizer_name_or_path": ctx.backbone_path,
+        }
+    return peft.PromptTuningConfig(
+        task_type=task_type(ctx.task), num_virtual_tokens=settings.num_virtual_tokens, **kwargs
+    )
+
+
+def apply_peft(model: Any, peft_config: Any, *, name: str) -> Any:
+    """Wrap ``model`` with PEFT; an unfit architecture becomes :class:`InvalidModel`."""
+    import peft
+
+    try:
+        return peft.get_peft_model(model, peft_config)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
+        raise InvalidModel(f"strategy {name}: cannot apply to this model ({exc})") from exc
+
+
+def make(builder: Any, name: str) -> Any:
+    """A strategy ``apply`` function for one PEFT method."""
+
+    def apply(model: Any, settings: Any, ctx: StrategyContext) -> Prepared:
+        wrapped = apply_peft(model, builder(settings, ctx), name=name)
+        virtual = getattr(settings, "num_virtual_tokens", 0) if name == "prompt" else 0
+        # Prompt tuning prepends its virtual tokens to the sequence, so causal-LM
+        # logits have that many extra leading positions.
+        in_logits = virtual if ctx.task == Task.CAUSAL_LM else 0
+        return Prepared(
+            model=wrapped, publish_as="peft", num_virtual_tokens=virtual, prefix_positions_in_logits=in_logits
+        )
+
+    apply.__doc__ = f"Wrap the model with PEFT {name}."
+    return apply
