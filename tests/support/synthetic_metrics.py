@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
 from kubetune_operator.monitoring.catalog import OPERATOR_METRICS, TRAINER_METRICS, MetricSpec
@@ -100,7 +100,7 @@ def _product(spec: MetricSpec) -> list[tuple[str, ...]]:
 
 
 def trainer_registry(now: float | None = None) -> CollectorRegistry:
-    """Every trainer metric of the catalog with every allowed label value, plus process metrics."""
+    """Every trainer metric of the catalog with every allowed label value."""
     registry = CollectorRegistry()
     for spec in TRAINER_METRICS:
         _build(registry, spec, time.time() if now is None else now)
@@ -108,9 +108,8 @@ def trainer_registry(now: float | None = None) -> CollectorRegistry:
 
 
 def operator_registry() -> CollectorRegistry:
-    """Every operator metric of the catalog, plus the process metrics a real operator exports."""
+    """Every operator metric of the catalog."""
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
     for spec in OPERATOR_METRICS:
         _build(registry, spec, time.time())
     return registry

@@ -105,18 +105,10 @@ def overview() -> Dashboard:
                         width=6,
                     ),
                     Panel(
-                        "Operator resident memory",
-                        "Resident memory of each operator process.",
-                        (Query(f"process_resident_memory_bytes{{{OPERATOR}}}", "{{instance}}"),),
-                        unit="bytes",
-                        width=6,
-                    ),
-                    Panel(
-                        "Operator CPU",
-                        "CPU seconds per second used by each operator process.",
-                        (Query(f"rate(process_cpu_seconds_total{{{OPERATOR}}}[{RATE}])", "{{instance}}"),),
-                        unit="percentunit",
-                        width=6,
+                        "Operator replicas",
+                        "Scrape health of each operator replica over time (1 up, 0 down).",
+                        (Query(f"max by (instance) (up{{{OPERATOR}}})", "{{instance}}"),),
+                        width=12,
                     ),
                     Panel(
                         "Active training jobs",
