@@ -26,6 +26,9 @@ def _spec_for(family_name: str) -> MetricSpec | None:
     by_name = {spec.name: spec for spec in ALL_METRICS}
     if family_name in by_name:
         return by_name[family_name]
+    base = family_name.removesuffix("_created")
+    if f"{base}_total" in by_name:  # a counter's _created series
+        return by_name[f"{base}_total"]
     for suffix in _SUFFIXES:
         if family_name.endswith(suffix) and family_name.removesuffix(suffix) in by_name:
             return by_name[family_name.removesuffix(suffix)]
