@@ -1,0 +1,227 @@
+"""The only code that talks to the API server: read, decide (pure), apply.
+
+:func:`reconcile_one` is idempotent and level-based: it reads the FineTuneJob,
+its attempt Jobs and pods, asks :func:`~kubetune_operator.reconcile.next_status`
+what should be, and applies the plan — deletions first, then create-if-absent
+with deterministic names, then one status patch (only when it changed), then
+one Event per transition (after the status landed), then TTL deletion.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune_operator import conditions as c
+from kubetune_operator import kube
+from kubetune_operator.builders import (
+    LABEL_JOB_NAME,
+    InvalidSpec,
+    desired_children,
+    parse_job,
+    resolve_job,
+)
+from kubetune_operator.observe import observe, pod_state
+from kubetune_operator.progress import parse_progress
+from kubetune_operator.reconcile import Event, Plan, invalid_spec_plan, next_status
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.spec import runtime as rt
+
+logger = logging.getLogger("kubetune.operator")
+
+MetricsUrlFn = Callable[[Mapping[str, Any]], str | None]
+EVENT_SOURCE = "kubetune-operator"
+
+
+def default_metrics_url(pod: Mapping[str, Any]) -> str | None:
+    """Rank 0's metrics URL from its pod IP and the named ``metrics`` port."""
+    ip = (pod.get("status") or {}).get("podIP")
+    return f"http://{ip}:{rt.DEFAULT_METRICS_PORT}/metrics" if ip else None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile did (for metrics and tests)."""
+
+    phase: str | None
+    old_phase: str | None
+    requeue_after: float | None
+    created: bool
+    status_changed: bool
+    deleted_self: bool
+    restarts: int
+    old_restarts: int
+    status: Mapping[str, Any]
+    created_at: str | None
+
+
+def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch turning ``old`` into ``new`` (top-level keys; removed keys become null)."""
+    patch: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if old.get(key) != new.get(key):
+            patch[key] = new.get(key)
+    return patch
+
+
+async def post_event(api: kube.KubeApi, body: Mapping[str, Any], event: Event, now: datetime) -> None:
+    """Record ``event`` on the FineTuneJob (best effort: an Event is never worth a retry)."""
+    metadata = body.get("metadata") or {}
+    namespace = metadata.get("namespace") or "default"
+    stamp = c.rfc3339(now)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{metadata.get('name')}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "name": metadata.get("name"),
+            "namespace": namespace,
+            "uid": metadata.get("uid"),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": EVENT_SOURCE},
+        "reportingComponent": EVENT_SOURCE,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+    try:
+        await api.create(kube.EVENTS, namespace, manifest)
+    except kube.ApiError as error:
+        logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, metadata.get("name"), error)
+
+
+async def _create_children(api: kube.KubeApi, children: list[dict[str, Any]]) -> bool:
+    created = False
+    for child in children:
+        namespace = child["metadata"].get("namespace")
+        created = await api.create(kube.resource_of(child), namespace, child) or created
+    return created
+
+
+async def _apply(api: kube.KubeApi, body: Mapping[str, Any], plan: Plan, settings: OperatorSettings) -> bool:
+    metadata = body.get("metadata") or {}
+    namespace = metadata.get("namespace")
+    created = False
+    for name in plan.delete_jobs:
+        # Background: the Job goes now, its pods after it; the next attempt waits until they are gone.
+        await api.delete(kube.JOBS, namespace, name, propagation="Background")
+    if plan.suspend_job:
+        await api.patch(kube.JOBS, namespace, plan.suspend_job, {"spec": {"suspend": True}})
+    if plan.unsuspend_job:
+        await api.patch(kube.JOBS, namespace, plan.unsuspend_job, {"spec": {"suspend": False}})
+    if plan.create_attempt is not None:
+        job = parse_job(dict(body))
+        created = await _create_children(api, desired_children(job, settings, attempt=plan.create_attempt))
+    return created
+
+
+async def reconcile_one(
+    api: kube.KubeApi,
+    settings: OperatorSettings,
+    namespace: str,
+    name: str,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Outcome | None:
+    """Bring FineTuneJob ``namespace/name`` one step closer to its desired state.
+
+    Returns None when the object is gone or being deleted.  Raises
+    :class:`kube.ApiError` on API failures (the caller retries)."""
+    body = await api.get(kube.FINETUNEJOBS, namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    metadata = body.get("metadata") or {}
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    generation = metadata.get("generation")
+    moment = now()
+    try:
+        job = resolve_job(parse_job(body), settings)
+    except InvalidSpec as error:
+        plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
+    else:
+        selector = {LABEL_JOB_NAME: name}
+        jobs = await api.list(kube.JOBS, namespace, selector)
+        pods = await api.list(kube.PODS, namespace, selector)
+        observed = observe(name, metadata.get("uid"), old_status, jobs, pods)
+        plan = next_status(job, observed, moment)
+    try:
+        created = await _apply(api, body, plan, settings)
+    except InvalidSpec as error:  # a default the builders could not fill in
+        plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
+        created = False
+    patch = _status_patch(old_status, plan.status)
+    if patch:
+        landed = await api.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
+        if landed is not None:
+            for event in plan.events:
+                await post_event(api, body, event, moment)
+    if plan.delete_self:
+        await api.delete(kube.FINETUNEJOBS, namespace, name, propagation="Background")
+    return Outcome(
+        phase=plan.status.get("phase"),
+        old_phase=old_status.get("phase"),
+        requeue_after=plan.requeue_after,
+        created=created,
+        status_changed=bool(patch),
+        deleted_self=plan.delete_self,
+        restarts=int(plan.status.get("restarts") or 0),
+        old_restarts=int(old_status.get("restarts") or 0),
+        status=plan.status,
+        created_at=metadata.get("creationTimestamp"),
+    )
+
+
+async def refresh_progress(
+    api: kube.KubeApi,
+    namespace: str,
+    name: str,
+    *,
+    metrics_url: MetricsUrlFn = default_metrics_url,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    timeout: float = 3.0,
+) -> bool:
+    """Read rank 0's metrics into ``status.progress``/``status.checkpoint``; True if written.
+
+    A failed read changes nothing (never the phase): the pod may be starting or gone."""
+    body = await api.get(kube.FINETUNEJOBS, namespace, name)
+    if body is None:
+        return False
+    status = body.get("status") or {}
+    attempt = status.get("attempt")
+    if status.get("phase") != "Running" or not attempt:
+        return False
+    pods = await api.list(kube.PODS, namespace, {LABEL_JOB_NAME: name, "kubetune.io/attempt": str(attempt)})
+    rank0 = [p for p in pods if pod_state(p).index == 0 and pod_state(p).running]
+    if not rank0:
+        return False
+    url = metrics_url(rank0[0])
+    if not url:
+        return False
+    text = await api.fetch_text(url, timeout)
+    if text is None:
+        return False
+    parsed = parse_progress(text, now())
+    if parsed is None:
+        return False
+    progress, checkpoint = parsed
+    patch: dict[str, Any] = {"progress": progress}
+    if checkpoint:
+        uri = ((body.get("spec") or {}).get("checkpoint") or {}).get("uri")
+        merged = {**(status.get("checkpoint") or {}), **checkpoint}
+        if uri:
+            merged["uri"] = f"{uri.rstrip('/')}/checkpoints/step-{int(checkpoint['step']):08d}"
+        patch["checkpoint"] = merged
+    old_progress = {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
+    new_progress = {k: v for k, v in progress.items() if k != "updated"}
+    if old_progress == new_progress and patch.get("checkpoint", status.get("checkpoint")) == status.get("checkpoint"):
+        return False
+    landed = await api.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
+    return landed is not None

@@ -1,0 +1,426 @@
+"""The FineTuneJob state machine: ``next_status(job, observed, now) -> Plan`` (pure).
+
+Level-based: every call looks at what exists (attempt Jobs, pods, the current
+status) and says what the status should be and which few actions bring the
+children closer to it.  Running it twice in a row gives the same answer, so a
+killed operator, a duplicated event or a timer can all call it safely.
+
+Failure policy (DESIGN §3): a failed attempt is classified from the trainer's
+exit code and termination message.  Permanent (exit 10-19 or a spec/data
+reason) fails the job at once; anything else restarts the gang as attempt N+1
+after ``backoffSeconds`` (old Job and its pods gone first) until
+``maxRestarts`` is used up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubetune_operator import conditions as c
+from kubetune_operator.observe import AttemptState, Observed, PodState
+from kubetune_trainer.spec import ConditionType, FineTuneJob
+from kubetune_trainer.spec import runtime as rt
+
+PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss"})
+SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
+WAIT_FOR_CLEANUP_SECONDS = 1.0
+MESSAGE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post once the status has landed."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """The outcome of one reconcile: the new status and the actions that lead there."""
+
+    status: dict[str, Any]
+    create_attempt: int | None = None
+    delete_jobs: list[str] = field(default_factory=list)
+    suspend_job: str | None = None
+    unsuspend_job: str | None = None
+    delete_self: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        """Ask to be called again within ``seconds`` (the earliest request wins)."""
+        seconds = max(0.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an attempt failed, as the trainer (or Kubernetes) told it."""
+
+    reason: str
+    message: str
+    exit_code: int | None
+    permanent: bool
+
+
+def _generation(job: FineTuneJob) -> int | None:
+    value = (job.metadata.model_extra or {}).get("generation")
+    return int(value) if isinstance(value, int) else None
+
+
+class _Status:
+    """A mutable working copy of the status with the condition helper bound to ``now``."""
+
+    def __init__(self, old: Mapping[str, Any], now: datetime, generation: int | None) -> None:
+        self.data: dict[str, Any] = {k: v for k, v in old.items() if v is not None}
+        self.data["conditions"] = [dict(x) for x in old.get("conditions") or []]
+        self.now = now
+        self.generation = generation
+
+    @property
+    def conditions(self) -> c.Conditions:
+        return list(self.data["conditions"])
+
+    def set(self, kind: ConditionType, status: bool, reason: str, message: str) -> None:
+        self.data["conditions"] = c.set_condition(
+            self.data["conditions"], kind, status, reason, message, self.now, self.generation
+        )
+
+    def clear(self, kind: ConditionType, reason: str, message: str = "") -> None:
+        """Set ``kind`` False, but only if it is present (absent conditions stay absent)."""
+        if c.get_condition(self.data["conditions"], kind) is not None:
+            self.set(kind, False, reason, message)
+
+    def true(self, kind: ConditionType) -> bool:
+        return c.is_true(self.data["conditions"], kind)
+
+    def since(self, kind: ConditionType) -> datetime | None:
+        condition = c.get_condition(self.data["conditions"], kind)
+        return c.parse_time(condition.get("lastTransitionTime")) if condition else None
+
+    def reason(self, kind: ConditionType) -> str | None:
+        condition = c.get_condition(self.data["conditions"], kind)
+        return str(condition.get("reason")) if condition else None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
+def _pod_failure(pod: PodState) -> Failure:
+    message = pod.message or {}
+    exit_code = pod.exit_code if pod.exit_code is not None else message.get("exitCode")
+    code = int(exit_code) if isinstance(exit_code, int) else None
+    reason = str(message.get("reason") or pod.reason or "Error")
+    if not reason.isidentifier():
+        reason = "Error"
+    text = str(message.get("message") or pod.raw_message or "")
+    detail = f"pod {pod.name} exited with code {code}" if code is not None else f"pod {pod.name} failed"
+    human = _short(f"{detail}: {text}" if text else detail)
+    permanent = (code is not None and rt.is_permanent_failure(code)) or reason in PERMANENT_REASONS
+    return Failure(reason, human, code, permanent)
+
+
+def classify_failure(attempt: AttemptState) -> Failure:
+    """The root cause of a failed attempt: a permanent failure wins, then a pod that
+    failed by itself (not one the Job controller killed afterwards), lowest index first."""
+    if attempt.failed_reason == "DeadlineExceeded":
+        return Failure(
+            c.DEADLINE_EXCEEDED, _short(attempt.failed_message or "activeDeadlineSeconds reached"), None, True
+        )
+    failures = [_pod_failure(pod) for pod in attempt.pods if pod.failed]
+    if not failures:
+        reason = attempt.failed_reason or "JobFailed"
+        message = attempt.failed_message or f"Job {attempt.name} failed"
+        return Failure(reason if reason.isidentifier() else "JobFailed", _short(message), None, False)
+    for failure in failures:
+        if failure.permanent:
+            return failure
+    for failure in failures:
+        if failure.exit_code not in SIGNAL_EXIT_CODES:
+            return failure
+    return failures[0]
+
+
+def _events(old: c.Conditions, new: c.Conditions) -> list[Event]:
+    """One Event per condition that became True (or changed reason while True)."""
+    events: list[Event] = []
+    for condition in new:
+        if condition.get("status") != c.TRUE:
+            continue
+        kind = ConditionType(condition["type"])
+        before = c.get_condition(old, kind)
+        if before is not None and before.get("status") == c.TRUE and before.get("reason") == condition["reason"]:
+            # Same reason: only a new attempt being created is news.
+            if kind != ConditionType.CREATED or before.get("message") == condition.get("message"):
+                continue
+        warning = kind in (ConditionType.FAILED, ConditionType.RESTARTING)
+        events.append(Event("Warning" if warning else "Normal", str(condition["reason"]), str(condition["message"])))
+    return events
+
+
+def _finish_plan(plan: Plan, st: _Status, old: Mapping[str, Any]) -> Plan:
+    st.data["phase"] = c.derive_phase(st.conditions).value
+    if st.generation is not None:
+        st.data["observedGeneration"] = st.generation
+    plan.status = st.data
+    plan.events = _events(list(old.get("conditions") or []), st.conditions)
+    return plan
+
+
+def invalid_spec_plan(old: Mapping[str, Any], field: str, message: str, now: datetime, generation: int | None) -> Plan:
+    """A job whose spec cannot be run: ``Failed=True, reason=InvalidSpec`` naming the field."""
+    st = _Status(old, now, generation)
+    text = f"{field}: {message}" if field else message
+    st.set(ConditionType.FAILED, True, c.INVALID_SPEC, _short(f"invalid spec: {text}"))
+    st.clear(ConditionType.RUNNING, c.INVALID_SPEC)
+    st.clear(ConditionType.RESTARTING, c.INVALID_SPEC)
+    st.data.setdefault("restarts", 0)
+    if "completionTime" not in st.data:
+        st.data["completionTime"] = c.rfc3339(now)
+    return _finish_plan(Plan(status={}), st, old)
+
+
+def _fail(st: _Status, plan: Plan, reason: str, message: str, current: AttemptState | None) -> None:
+    st.set(ConditionType.FAILED, True, reason, message)
+    st.clear(ConditionType.RUNNING, reason, "the job failed")
+    st.clear(ConditionType.RESTARTING, reason, "the job failed")
+    st.data["completionTime"] = st.data.get("completionTime") or c.rfc3339(st.now)
+    if current is not None and not current.finished and not current.deleting:
+        plan.delete_jobs.append(current.name)
+
+
+def _retry_or_fail(
+    job: FineTuneJob, st: _Status, plan: Plan, current: AttemptState | None, attempt: int, failure: Failure
+) -> None:
+    policy = job.spec.run_policy
+    restarts = int(st.data.get("restarts") or 0)
+    if failure.permanent:
+        _fail(
+            st,
+            plan,
+            failure.reason,
+            f"attempt {attempt} failed permanently ({failure.reason}): {failure.message}",
+            current,
+        )
+        return
+    if restarts >= policy.max_restarts:
+        _fail(
+            st,
+            plan,
+            c.BACKOFF_LIMIT_EXCEEDED,
+            _short(
+                f"attempt {attempt} failed ({failure.reason}) and all {policy.max_restarts} restarts are used: "
+                f"{failure.message}"
+            ),
+            current,
+        )
+        return
+    st.data["restarts"] = restarts + 1
+    st.data["attempt"] = attempt + 1
+    st.set(
+        ConditionType.RESTARTING,
+        True,
+        c.RESTART_SCHEDULED,
+        _short(
+            f"attempt {attempt} failed ({failure.reason}): {failure.message}; attempt {attempt + 1} starts "
+            f"{policy.backoff_seconds}s after its pods are gone (restart {restarts + 1}/{policy.max_restarts})"
+        ),
+    )
+    st.clear(ConditionType.RUNNING, failure.reason, f"attempt {attempt} failed")
+    if current is not None and not current.deleting:
+        plan.delete_jobs.append(current.name)
+    plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
+
+
+def _succeed(st: _Status, attempt: AttemptState, job: FineTuneJob) -> None:
+    rank0 = attempt.pod(0)
+    message: Mapping[str, Any] = (rank0.message if rank0 else None) or {}
+    evaluation = message.get("evaluation")
+    if isinstance(evaluation, dict):
+        st.data["evaluation"] = {str(k): float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+    output = message.get("output")
+    if isinstance(output, dict) and output.get("uri"):
+        st.data["output"] = {"uri": str(output["uri"])}
+    elif job.spec.output.uri:
+        st.data["output"] = {"uri": job.spec.output.uri}
+    checkpoint = message.get("checkpoint")
+    if isinstance(checkpoint, dict):
+        merged = dict(st.data.get("checkpoint") or {})
+        merged.update({k: v for k, v in checkpoint.items() if k in ("uri", "step", "time") and v is not None})
+        st.data["checkpoint"] = merged
+    if isinstance(message.get("step"), int):
+        progress = dict(st.data.get("progress") or {})
+        progress["step"] = message["step"]
+        st.data["progress"] = progress
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted((st.data.get("evaluation") or {}).items()))
+    text = f"attempt {attempt.attempt} succeeded" + (f": {summary}" if summary else "")
+    st.set(ConditionType.SUCCEEDED, True, c.SUCCEEDED, text)
+    st.clear(ConditionType.RUNNING, c.SUCCEEDED, "the job finished")
+    st.clear(ConditionType.RESTARTING, c.SUCCEEDED)
+    st.clear(ConditionType.SUSPENDED, c.SUCCEEDED)
+    st.data["completionTime"] = st.data.get("completionTime") or attempt.completion_time or c.rfc3339(st.now)
+
+
+def _finished(job: FineTuneJob, observed: Observed, st: _Status, plan: Plan) -> None:
+    # Nothing may keep running once the job is terminal (e.g. the deadline failed it).
+    for attempt in observed.attempts.values():
+        if attempt.owned and not attempt.finished and not attempt.deleting:
+            plan.delete_jobs.append(attempt.name)
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    finished_at = c.parse_time(st.data.get("completionTime"))
+    if ttl is None or finished_at is None:
+        return
+    due = finished_at + timedelta(seconds=ttl)
+    if st.now >= due:
+        plan.delete_self = True
+    else:
+        plan.requeue((due - st.now).total_seconds())
+
+
+def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
+    """The new status of ``job`` and the actions that bring its children there."""
+    old = observed.status
+    st = _Status(old, now, _generation(job))
+    plan = Plan(status={})
+    spec = job.spec
+    policy = spec.run_policy
+    st.data.setdefault("restarts", 0)
+
+    if c.is_finished(st.conditions):
+        _finished(job, observed, st, plan)
+        return _finish_plan(plan, st, old)
+
+    owned_numbers = [n for n, a in observed.attempts.items() if a.owned]
+    number = max([int(old.get("attempt") or 1), *owned_numbers])
+    st.data["attempt"] = number
+    current = observed.attempts.get(number)
+
+    # Older attempts never outlive a newer one (at most one gang runs).
+    for n, attempt in sorted(observed.attempts.items()):
+        if n < number and attempt.owned and not attempt.deleting:
+            plan.delete_jobs.append(attempt.name)
+
+    started = c.parse_time(st.data.get("startTime"))
+    deadline = policy.active_deadline_seconds
+    if deadline is not None and started is not None and now >= started + timedelta(seconds=deadline):
+        _fail(st, plan, c.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
+        return _finish_plan(plan, st, old)
+
+    if current is not None and not current.owned:
+        _fail(
+            st,
+            plan,
+            "AttemptNameTaken",
+            f"a Job named {current.name} exists and is not owned by this FineTuneJob; delete it or rename the job",
+            None,
+        )
+        return _finish_plan(plan, st, old)
+
+    if current is None or current.deleting:
+        _without_job(job, observed, st, plan, number, current)
+    elif current.complete:
+        _succeed(st, current, job)
+        _finished(job, observed, st, plan)
+    elif current.failed:
+        failure = classify_failure(current)
+        if failure.reason == c.DEADLINE_EXCEEDED:
+            _fail(st, plan, c.DEADLINE_EXCEEDED, failure.message, None)
+        else:
+            _retry_or_fail(job, st, plan, current, number, failure)
+    elif spec.run_policy.suspend:
+        if not current.suspended:
+            plan.suspend_job = current.name
+        st.set(
+            ConditionType.SUSPENDED,
+            True,
+            c.USER_SUSPENDED,
+            f"spec.runPolicy.suspend is true: attempt {number} is suspended (its pods checkpoint and stop)",
+        )
+        st.clear(ConditionType.RUNNING, c.USER_SUSPENDED, "suspended")
+    elif current.suspended:
+        _suspended_job(st, plan, current, number)
+    else:
+        _active(job, st, current, number)
+    if deadline is not None and started is not None and not c.is_finished(st.conditions):
+        plan.requeue((started + timedelta(seconds=deadline) - now).total_seconds())
+    return _finish_plan(plan, st, old)
+
+
+def _without_job(
+    job: FineTuneJob, observed: Observed, st: _Status, plan: Plan, number: int, current: AttemptState | None
+) -> None:
+    """The current attempt has no (live) Job: create it, once the previous one is gone."""
+    if st.true(ConditionType.RUNNING) and current is None:
+        failure = Failure(c.CHILD_DELETED, f"the Job of attempt {number} disappeared while it ran", None, False)
+        _retry_or_fail(job, st, plan, None, number, failure)
+        return
+    if job.spec.run_policy.suspend:
+        st.set(
+            ConditionType.SUSPENDED,
+            True,
+            c.USER_SUSPENDED,
+            f"spec.runPolicy.suspend is true: attempt {number} is not started",
+        )
+        return
+    leftovers = [a for n, a in observed.attempts.items() if n <= number and a.owned]
+    pods_left = sum(count for n, count in observed.pods_left.items() if n <= number)
+    if leftovers or pods_left:
+        plan.requeue(WAIT_FOR_CLEANUP_SECONDS)  # Foreground-style: never two gangs at once
+        return
+    if st.true(ConditionType.RESTARTING):
+        since = st.since(ConditionType.RESTARTING) or st.now
+        due = since + timedelta(seconds=job.spec.run_policy.backoff_seconds)
+        if st.now < due:
+            plan.requeue((due - st.now).total_seconds())
+            return
+    plan.create_attempt = number
+    verb = "restarted from the latest checkpoint" if number > 1 else "created"
+    st.set(ConditionType.CREATED, True, c.CREATED, f"attempt {number}: Job {job.metadata.name}-a{number} {verb}")
+    st.clear(ConditionType.RESTARTING, c.CREATED, f"attempt {number} created")
+    if st.true(ConditionType.SUSPENDED):
+        st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"resumed as attempt {number}")
+    st.set(ConditionType.RUNNING, False, c.PENDING, f"attempt {number}: waiting for pods")
+
+
+def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) -> None:
+    """The Job is suspended but the spec is not: the user resumed, or Kueue holds it."""
+    if st.true(ConditionType.SUSPENDED) and st.reason(ConditionType.SUSPENDED) == c.USER_SUSPENDED:
+        if st.data.get("startTime") is None and not current.queued:
+            plan.unsuspend_job = current.name  # it never ran: start it as it is
+            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"attempt {number} resumed")
+        elif st.data.get("startTime") is None:
+            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"attempt {number} waits for Kueue to admit it")
+        else:
+            # Pods of a suspended Job are gone; resume as a new attempt from the checkpoint.
+            plan.delete_jobs.append(current.name)
+            st.data["attempt"] = number + 1
+            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"resuming as attempt {number + 1} from the checkpoint")
+            plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
+        return
+    if current.queued:
+        st.set(
+            ConditionType.CREATED, True, c.QUEUED, f"attempt {number}: waiting for Kueue to admit Job {current.name}"
+        )
+        st.set(ConditionType.RUNNING, False, c.QUEUED, "queued in Kueue")
+    else:
+        st.set(ConditionType.RUNNING, False, c.NOT_RUNNING, f"Job {current.name} is suspended")
+
+
+def _active(job: FineTuneJob, st: _Status, current: AttemptState, number: int) -> None:
+    nodes = job.spec.resources.nodes
+    running = current.running_pods()
+    st.set(ConditionType.CREATED, True, c.CREATED, f"attempt {number}: Job {current.name} created")
+    if running >= nodes:
+        st.set(ConditionType.RUNNING, True, c.PODS_RUNNING, f"attempt {number}: all {nodes} pods running")
+        st.clear(ConditionType.RESTARTING, c.PODS_RUNNING, f"attempt {number} is running")
+        if st.data.get("startTime") is None:
+            st.data["startTime"] = c.rfc3339(st.now)
+    else:
+        st.set(ConditionType.RUNNING, False, c.PENDING, f"attempt {number}: {running}/{nodes} pods running")

@@ -1,0 +1,707 @@
+"""A Kubernetes API emulator for operator tests: kmock's emulator plus the semantics kopf and
+the operator rely on, served over real HTTP from a background thread.
+
+kmock 0.8 merges JSON naively.  :class:`Emulator` adds what these tests need:
+uid, resourceVersion, generation and creationTimestamp; generateName; JSON merge
+patch (null deletes) and JSON patch; a separate ``status`` subresource (the main
+endpoint ignores ``status`` and ``/status`` changes only ``status``, as for CRDs
+and built-in workloads); finalizers with deletionTimestamp; owner-reference
+garbage collection (dependents go shortly after their owner, like the
+background GC); and a log of every API call as
+``(apiGroup, resource[/subresource], verb, namespace)`` for RBAC audits.
+
+:class:`JobController` plays kube-controller-manager's Job controller and the
+kubelet for the tests: it creates one pod per completion index for each
+unsuspended Job, removes pods of suspended Jobs, and lets a test make pods run,
+fail (exit code + termination message) or succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import json
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp.web
+import kmock
+from kmock._internal import apps, enums
+from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectNotFoundError
+
+from kubetune_operator.crd import custom_resource_definition
+
+TEST_AGENT = "kubetune-tests"
+STATUS_SUBRESOURCE = {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods")}
+GENERATION = {("kubetune.io", "finetunejobs"), ("batch", "jobs")}
+
+Call = tuple[str, str, str, str]  # (apiGroup, resource[/subresource], verb, namespace or "")
+
+RESOURCES: dict[str, kmock.ResourceInfo] = {
+    "kubetune.io/v1alpha1/finetunejobs": kmock.ResourceInfo(
+        kind="FineTuneJob",
+        namespaced=True,
+        shortnames={"ftj"},
+        subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+    ),
+    "batch/v1/jobs": kmock.ResourceInfo(
+        kind="Job",
+        namespaced=True,
+        subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+    ),
+    "v1/pods": kmock.ResourceInfo(
+        kind="Pod",
+        namespaced=True,
+        subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+    ),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "list", "create", "delete"}),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs={"get", "list", "create", "delete"}),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"get", "list", "create", "patch"}),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"}
+    ),
+    "kopf.dev/v1/clusterkopfpeerings": kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs={"get", "list", "watch", "patch"}
+    ),
+    "kopf.dev/v1/kopfpeerings": kmock.ResourceInfo(
+        kind="KopfPeering", namespaced=True, verbs={"get", "list", "watch", "patch"}
+    ),
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (null removes a key)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def json_patch(target: Any, operations: Iterable[Mapping[str, Any]]) -> Any:
+    """RFC 6902 JSON patch (add, replace, remove, test) — what kopf sends for some changes."""
+    doc = copy.deepcopy(target)
+    for op in operations:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in str(op["path"]).split("/")[1:]]
+        parent = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+        last = parts[-1] if parts else ""
+        kind = op["op"]
+        if kind == "test":
+            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if current != op.get("value"):
+                raise KubernetesObjectConflictError(status=422, reason="Invalid", message="json patch test failed")
+        elif kind == "remove":
+            if isinstance(parent, list):
+                parent.pop(int(last))
+            else:
+                parent.pop(last, None)
+        elif kind in ("add", "replace"):
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(op["value"])
+                elif kind == "add":
+                    parent.insert(int(last), op["value"])
+                else:
+                    parent[int(last)] = op["value"]
+            else:
+                parent[last] = op["value"]
+    return doc
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One API request as the RBAC audit sees it."""
+
+    group: str
+    resource: str
+    verb: str
+    namespace: str
+    agent: str
+
+    @property
+    def call(self) -> Call:
+        return (self.group, self.resource, self.verb, self.namespace)
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with uid/resourceVersion/generateName/status/finalizers/GC and a call log."""
+
+    gc_delay: float = 0.05
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.calls: list[RecordedCall] = []
+        self.rv = 0
+        self.fail_next: list[tuple[Callable[[RecordedCall], bool], int]] = []  # injected API errors
+        for key, info in RESOURCES.items():
+            self.resources[key] = info
+        self._gc_tasks: set[asyncio.Task[None]] = set()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _key(self, resource: Any, namespace: str | None, name: str) -> tuple[Any, str | None, str]:
+        return (resource, namespace, name)
+
+    def _get(self, resource: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
+        key = self._key(resource, namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return None
+        return copy.deepcopy(self._objects[key].raw)
+
+    def _store(self, resource: Any, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
+        # A fresh Object per version: no unbounded history in long benchmarks.
+        self._objects[resource, namespace, name] = obj
+
+    async def _publish(self, resource: Any, kind: str, obj: Mapping[str, Any]) -> None:
+        await self._buses[resource].put({"type": kind, "object": copy.deepcopy(dict(obj))})
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+
+    @staticmethod
+    def _gk(resource: Any) -> tuple[str, str]:
+        return (resource.group or "", resource.plural or "")
+
+    def _verb(self, request: Any) -> str:
+        action = request.action
+        if action == enums.action.LIST:
+            return "list"
+        if action == enums.action.WATCH:
+            return "watch"
+        if action == enums.action.FETCH:
+            return "get"
+        if action == enums.action.CREATE:
+            return "create"
+        if action == enums.action.DELETE:
+            return "delete" if request.name else "deletecollection"
+        if action == enums.action.UPDATE:
+            return "update" if str(request.method).upper().endswith("PUT") else "patch"
+        return str(request.method).lower()
+
+    # ----------------------------------------------------------------- request handling
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if request.resource is None or not request.resource.plural:  # discovery
+            return await apps.RawHandler._handle(self, request)
+        resource = request.resource
+        plural = resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        agent = ""
+        if request._raw_request is not None:
+            agent = request._raw_request.headers.get("User-Agent", "")
+        record = RecordedCall(resource.group or "", plural, self._verb(request), request.namespace or "", agent)
+        self.calls.append(record)
+        for index, (predicate, status) in enumerate(self.fail_next):
+            if predicate(record):
+                del self.fail_next[index]
+                return aiohttp.web.json_response(
+                    {"kind": "Status", "code": status, "reason": "Injected", "message": "injected failure"},
+                    status=status,
+                )
+        action = request.action
+        try:
+            if action == enums.action.CREATE:
+                return await self._create(request)
+            if action == enums.action.UPDATE and request.name:
+                return await self._update(request)
+            if action == enums.action.DELETE and request.name:
+                return await self._delete(request)
+        except (KubernetesObjectConflictError, KubernetesObjectNotFoundError) as error:
+            return await self._render_error(error)
+        return await apps.RawHandler._handle(self, request)
+
+    async def _create(self, request: Any) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        obj = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
+        metadata = obj.setdefault("metadata", {})
+        if not metadata.get("name") and metadata.get("generateName"):
+            metadata["name"] = metadata["generateName"] + secrets.token_hex(3)
+        namespace = request.namespace or metadata.get("namespace")
+        if namespace:
+            metadata["namespace"] = namespace
+        name = metadata.get("name")
+        async with self._lock:
+            if self._get(resource, namespace, name) is not None:
+                raise KubernetesObjectConflictError(message=f"{resource.plural} {name!r} already exists")
+            metadata["uid"] = str(uuid.uuid4())
+            metadata["creationTimestamp"] = _now()
+            if self._gk(resource) in GENERATION:
+                metadata["generation"] = 1
+            if self._gk(resource) in STATUS_SUBRESOURCE and self._gk(resource) != ("", "pods"):
+                obj.pop("status", None)
+            self._bump(obj)
+            self._store(resource, namespace, name, obj)
+            await self._publish(resource, "ADDED", obj)
+        return aiohttp.web.json_response(obj, status=201)
+
+    async def _update(self, request: Any) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        namespace, name = request.namespace, request.name
+        async with self._lock:
+            current = self._get(resource, namespace, name)
+            if current is None:
+                raise KubernetesObjectNotFoundError()
+            content_type = ""
+            if request._raw_request is not None:
+                content_type = request._raw_request.headers.get("Content-Type", "")
+            data = request.data
+            if isinstance(data, list) or "json-patch" in content_type:
+                new = json_patch(current, data or [])
+            elif str(request.method).upper().endswith("PUT"):
+                new = copy.deepcopy(data)
+                new.setdefault("metadata", {}).update(
+                    {k: current["metadata"][k] for k in ("uid", "creationTimestamp") if k in current["metadata"]}
+                )
+            else:
+                new = merge_patch(current, data or {})
+            has_status = self._gk(resource) in STATUS_SUBRESOURCE
+            if request.subresource == "status":
+                new = (
+                    {**current, "status": new.get("status")}
+                    if new.get("status") is not None
+                    else {k: v for k, v in current.items() if k != "status"}
+                )
+            elif has_status:
+                if "status" in current:
+                    new["status"] = current["status"]
+                else:
+                    new.pop("status", None)
+            for key in ("uid", "creationTimestamp"):
+                if key in current.get("metadata", {}):
+                    new.setdefault("metadata", {})[key] = current["metadata"][key]
+            if self._gk(resource) in GENERATION and new.get("spec") != current.get("spec"):
+                new["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
+            if current.get("metadata", {}).get("deletionTimestamp"):
+                new["metadata"]["deletionTimestamp"] = current["metadata"]["deletionTimestamp"]
+            self._bump(new)
+            meta = new["metadata"]
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                await self._remove(resource, namespace, name, new, propagation="Background")
+            else:
+                self._store(resource, namespace, name, new)
+                await self._publish(resource, "MODIFIED", new)
+        return aiohttp.web.json_response(new)
+
+    async def _delete(self, request: Any) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        namespace, name = request.namespace, request.name
+        options = request.data if isinstance(request.data, dict) else {}
+        propagation = options.get("propagationPolicy") or request.params.get("propagationPolicy") or "Background"
+        async with self._lock:
+            current = self._get(resource, namespace, name)
+            if current is None:
+                raise KubernetesObjectNotFoundError()
+            meta = current["metadata"]
+            if meta.get("finalizers"):
+                if not meta.get("deletionTimestamp"):
+                    meta["deletionTimestamp"] = _now()
+                    self._bump(current)
+                    self._store(resource, namespace, name, current)
+                    await self._publish(resource, "MODIFIED", current)
+            else:
+                await self._remove(resource, namespace, name, current, propagation=propagation)
+        return aiohttp.web.json_response(current)
+
+    async def _remove(
+        self, resource: Any, namespace: str | None, name: str, obj: dict[str, Any], *, propagation: str
+    ) -> None:
+        """Physically delete (lock held) and schedule the dependents' garbage collection."""
+        del self._objects[resource, namespace, name]
+        await self._publish(resource, "DELETED", obj)
+        uid = obj.get("metadata", {}).get("uid")
+        if uid and propagation != "Orphan":
+            task = asyncio.get_running_loop().create_task(self._collect(uid))
+            self._gc_tasks.add(task)
+            task.add_done_callback(self._gc_tasks.discard)
+
+    async def _collect(self, owner_uid: str) -> None:
+        await asyncio.sleep(self.gc_delay)
+        async with self._lock:
+            dependents = [
+                (resource, namespace, name, copy.deepcopy(obj.raw))
+                for (resource, namespace, name), obj in list(self._objects.items())
+                if not obj.deleted
+                and any(ref.get("uid") == owner_uid for ref in obj.raw.get("metadata", {}).get("ownerReferences", []))
+            ]
+            for resource, namespace, name, obj in dependents:
+                if obj["metadata"].get("finalizers"):
+                    obj["metadata"].setdefault("deletionTimestamp", _now())
+                    self._bump(obj)
+                    self._store(resource, namespace, name, obj)
+                    await self._publish(resource, "MODIFIED", obj)
+                else:
+                    await self._remove(resource, namespace, name, obj, propagation="Background")
+
+    # ----------------------------------------------------------------- inspection
+
+    def operator_calls(self) -> set[Call]:
+        """Every call made by anything but the tests themselves."""
+        return {c.call for c in self.calls if not c.agent.startswith(TEST_AGENT)}
+
+
+class EmulatorServer:
+    """The emulator on a loopback HTTP port, served from a background thread."""
+
+    def __init__(self, namespaces: Iterable[str] = ("default",), *, peering: bool = True) -> None:
+        self.emulator = Emulator()
+        self._namespaces = list(namespaces)
+        self._peering = peering
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.url = ""
+
+    def __enter__(self) -> EmulatorServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("emulator did not start")
+        self.seed()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with self.emulator, kmock.Server(self.emulator) as server:
+            self.url = str(server.url).rstrip("/")
+            self._started.set()
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def seed(self) -> None:
+        """Namespaces, the FineTuneJob CRD and kopf's peering object."""
+        client = self.client()
+        # kmock cannot parse POST /api/v1/namespaces (it reads "namespaces" as a namespace prefix).
+        for namespace in self._namespaces:
+            self.emulator.objects["v1/namespaces", None, namespace] = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": namespace, "uid": str(uuid.uuid4())},
+            }
+        client.create("apiextensions.k8s.io/v1", "customresourcedefinitions", None, custom_resource_definition())
+        if self._peering:
+            client.create("kopf.dev/v1", "clusterkopfpeerings", None, {"metadata": {"name": "kubetune"}})
+            for namespace in self._namespaces:
+                client.create("kopf.dev/v1", "kopfpeerings", namespace, {"metadata": {"name": "kubetune"}})
+
+    def client(self) -> Client:
+        return Client(self.url)
+
+    def write_kubeconfig(self, path: Any) -> str:
+        """A kubeconfig pointing at this emulator (for operators in subprocesses)."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tests", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tests"}}],
+            "current-context": "emulator",
+        }
+        text = json.dumps(config)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return str(path)
+
+
+class Client:
+    """A tiny synchronous client the tests use (marked with its own User-Agent)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @staticmethod
+    def path(api_version: str, plural: str, namespace: str | None, name: str | None = None, sub: str = "") -> str:
+        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        if namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{plural}"
+        if name:
+            base += f"/{name}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 (loopback)
+        request.add_header("User-Agent", TEST_AGENT)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (loopback)
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+
+    def create(self, api_version: str, plural: str, namespace: str | None, body: Mapping[str, Any]) -> Any:
+        try:
+            return self.request("POST", self.path(api_version, plural, namespace), dict(body))
+        except urllib.error.HTTPError as error:
+            if error.code == 409:
+                return None
+            raise
+
+    def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> Any:
+        return self.request("GET", self.path(api_version, plural, namespace, name))
+
+    def list(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        result = self.request("GET", self.path(api_version, plural, namespace))
+        return list((result or {}).get("items") or [])
+
+    def patch(self, api_version: str, plural: str, namespace: str | None, name: str, body: Any, sub: str = "") -> Any:
+        return self.request(
+            "PATCH", self.path(api_version, plural, namespace, name, sub), body, "application/merge-patch+json"
+        )
+
+    def delete(
+        self, api_version: str, plural: str, namespace: str | None, name: str, propagation: str = "Background"
+    ) -> Any:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        return self.request("DELETE", self.path(api_version, plural, namespace, name), body)
+
+    # FineTuneJob shortcuts
+    def ftj(self, namespace: str, name: str) -> Any:
+        return self.get("kubetune.io/v1alpha1", "finetunejobs", namespace, name)
+
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.list("batch/v1", "jobs", namespace)
+
+    def pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.list("v1", "pods", namespace)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
+
+
+class JobController:
+    """Plays the Job controller and kubelet against the emulator (explicitly, step by step)."""
+
+    def __init__(self, client: Client, *, auto_run: bool = True) -> None:
+        self.client = client
+        self.auto_run = auto_run  # new pods go straight to Running
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -------------------------------------------------------------- reconciliation of Jobs to pods
+
+    def step(self) -> None:
+        """One pass: pods for unsuspended Jobs, none for suspended ones; orphans are GC'd by the emulator."""
+        pods_by_job: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for pod in self.client.pods():
+            owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
+            pods_by_job.setdefault((pod["metadata"]["namespace"], owner.get("name", "")), []).append(pod)
+        for job in self.client.jobs():
+            namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+            pods = pods_by_job.get((namespace, name), [])
+            conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
+            if conditions & {"Complete", "Failed"}:
+                continue
+            if job["spec"].get("suspend"):
+                for pod in pods:
+                    self.client.delete("v1", "pods", namespace, pod["metadata"]["name"])
+                if pods or "Suspended" not in conditions:
+                    self._job_status(job, active=0, conditions=[self._condition("Suspended", "JobSuspended")])
+                continue
+            if not pods:
+                self.create_pods(job)
+
+    def _condition(self, kind: str, reason: str, message: str = "") -> dict[str, Any]:
+        return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()}
+
+    def _job_status(self, job: Mapping[str, Any], **status: Any) -> None:
+        self.client.patch(
+            "batch/v1", "jobs", job["metadata"]["namespace"], job["metadata"]["name"], {"status": status}, "status"
+        )
+
+    def create_pods(self, job: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One pod per completion index, owned by the Job, labelled like the template."""
+        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        template = job["spec"]["template"]
+        created = []
+        for index in range(int(job["spec"]["completions"])):
+            labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-completion-index": str(index)}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"{name}-{index}-{secrets.token_hex(3)}",
+                    "namespace": namespace,
+                    "labels": labels,
+                    "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": name,
+                            "uid": job["metadata"]["uid"],
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": template["spec"],
+            }
+            result = self.client.create("v1", "pods", namespace, pod)
+            if result is not None:
+                created.append(result)
+                if self.auto_run:
+                    self.set_pod_running(result, index)
+        self._job_status(job, active=len(created), startTime=_now())
+        return created
+
+    def set_pod_running(self, pod: Mapping[str, Any], index: int) -> None:
+        self.client.patch(
+            "v1",
+            "pods",
+            pod["metadata"]["namespace"],
+            pod["metadata"]["name"],
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": f"10.0.0.{index + 1}",
+                    "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {}}}],
+                }
+            },
+            "status",
+        )
+
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        pods = [
+            p
+            for p in self.client.pods(namespace)
+            if any(ref.get("name") == job_name for ref in p["metadata"].get("ownerReferences") or [])
+        ]
+        return sorted(pods, key=lambda p: int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]))
+
+    def _terminate(self, pod: Mapping[str, Any], exit_code: int, message: Mapping[str, Any] | str | None) -> None:
+        text = json.dumps(message) if isinstance(message, Mapping) else (message or "")
+        phase = "Succeeded" if exit_code == 0 else "Failed"
+        reason = "Completed" if exit_code == 0 else "Error"
+        self.client.patch(
+            "v1",
+            "pods",
+            pod["metadata"]["namespace"],
+            pod["metadata"]["name"],
+            {
+                "status": {
+                    "phase": phase,
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "ready": False,
+                            "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": text}},
+                        }
+                    ],
+                }
+            },
+            "status",
+        )
+
+    def fail(
+        self,
+        namespace: str,
+        job_name: str,
+        *,
+        index: int = 0,
+        exit_code: int = 20,
+        message: Mapping[str, Any] | str | None = None,
+        others_exit: int = 143,
+    ) -> None:
+        """Pod ``index`` fails; the podFailurePolicy fails the Job and the other pods are killed."""
+        job = self.client.get("batch/v1", "jobs", namespace, job_name)
+        for pod in self.job_pods(namespace, job_name):
+            pod_index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
+            if pod_index == index:
+                self._terminate(pod, exit_code, message)
+            else:
+                self._terminate(pod, others_exit, None)
+        self._job_status(
+            job,
+            active=0,
+            failed=1,
+            conditions=[self._condition("Failed", "PodFailurePolicy", f"Container trainer for pod {index} failed")],
+        )
+
+    def succeed(self, namespace: str, job_name: str, rank0_message: Mapping[str, Any] | None = None) -> None:
+        """Every pod exits 0; rank 0 leaves the trainer's success message; the Job completes."""
+        job = self.client.get("batch/v1", "jobs", namespace, job_name)
+        pods = self.job_pods(namespace, job_name)
+        for pod in pods:
+            index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
+            self._terminate(
+                pod, 0, rank0_message if index == 0 else {"reason": "Succeeded", "message": "done", "exitCode": 0}
+            )
+        self._job_status(
+            job,
+            active=0,
+            succeeded=len(pods),
+            completionTime=_now(),
+            conditions=[self._condition("Complete", "CompletionsReached")],
+        )
+
+    # -------------------------------------------------------------- background mode
+
+    def start(self, interval: float = 0.1) -> JobController:
+        def loop() -> None:
+            while not self._stop.is_set():
+                # Objects vanish under us; the next pass sees the new state.
+                with contextlib.suppress(urllib.error.URLError, OSError, KeyError, TypeError):
+                    self.step()
+                self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=loop, name="job-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
