@@ -156,10 +156,10 @@ def _events(old: c.Conditions, new: c.Conditions) -> list[Event]:
             continue
         kind = ConditionType(condition["type"])
         before = c.get_condition(old, kind)
-        if before is not None and before.get("status") == c.TRUE and before.get("reason") == condition["reason"]:
-            # Same reason: only a new attempt being created is news.
-            if kind != ConditionType.CREATED or before.get("message") == condition.get("message"):
-                continue
+        same = before is not None and before.get("status") == c.TRUE and before.get("reason") == condition["reason"]
+        # With the same reason, only a new attempt being created is news.
+        if same and (kind != ConditionType.CREATED or before is None or before.get("message") == condition["message"]):
+            continue
         warning = kind in (ConditionType.FAILED, ConditionType.RESTARTING)
         events.append(Event("Warning" if warning else "Normal", str(condition["reason"]), str(condition["message"])))
     return events
@@ -381,12 +381,20 @@ def _without_job(
             plan.requeue((due - st.now).total_seconds())
             return
     plan.create_attempt = number
-    verb = "restarted from the latest checkpoint" if number > 1 else "created"
-    st.set(ConditionType.CREATED, True, c.CREATED, f"attempt {number}: Job {job.metadata.name}-a{number} {verb}")
+    st.set(ConditionType.CREATED, True, c.CREATED, _created_message(job, number))
     st.clear(ConditionType.RESTARTING, c.CREATED, f"attempt {number} created")
     if st.true(ConditionType.SUSPENDED):
         st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"resumed as attempt {number}")
-    st.set(ConditionType.RUNNING, False, c.PENDING, f"attempt {number}: waiting for pods")
+    st.set(ConditionType.RUNNING, False, c.PENDING, _pending_message(job, number, 0))
+
+
+def _created_message(job: FineTuneJob, number: int) -> str:
+    how = "resumes from the latest checkpoint" if number > 1 else "starts"
+    return f"attempt {number}: Job {job.metadata.name}-a{number} created; training {how}"
+
+
+def _pending_message(job: FineTuneJob, number: int, running: int) -> str:
+    return f"attempt {number}: {running}/{job.spec.resources.nodes} pods running"
 
 
 def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) -> None:
@@ -416,11 +424,11 @@ def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) 
 def _active(job: FineTuneJob, st: _Status, current: AttemptState, number: int) -> None:
     nodes = job.spec.resources.nodes
     running = current.running_pods()
-    st.set(ConditionType.CREATED, True, c.CREATED, f"attempt {number}: Job {current.name} created")
+    st.set(ConditionType.CREATED, True, c.CREATED, _created_message(job, number))
     if running >= nodes:
         st.set(ConditionType.RUNNING, True, c.PODS_RUNNING, f"attempt {number}: all {nodes} pods running")
         st.clear(ConditionType.RESTARTING, c.PODS_RUNNING, f"attempt {number} is running")
         if st.data.get("startTime") is None:
             st.data["startTime"] = c.rfc3339(st.now)
     else:
-        st.set(ConditionType.RUNNING, False, c.PENDING, f"attempt {number}: {running}/{nodes} pods running")
+        st.set(ConditionType.RUNNING, False, c.PENDING, _pending_message(job, number, running))

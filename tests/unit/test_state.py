@@ -1,0 +1,372 @@
+"""Table tests of the pure state machine: every transition of ``next_status``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune_operator.conditions import derive_phase, get_condition, set_condition
+from kubetune_operator.observe import observe
+from kubetune_operator.reconcile import Plan, classify_failure, invalid_spec_plan, next_status
+from kubetune_trainer.spec import ConditionType, FineTuneJob, Phase
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+UID = "uid-1"
+NAME = "reviews-lora"
+
+
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
+
+
+def make_job(**run_policy: Any) -> FineTuneJob:
+    doc = copy.deepcopy(EXAMPLE)
+    doc["metadata"].update({"uid": UID, "generation": 3})
+    doc["spec"]["runPolicy"] = {"maxRestarts": 2, "backoffSeconds": 30, **run_policy}
+    return FineTuneJob.model_validate(doc)
+
+
+def job_obj(
+    attempt: int,
+    *,
+    suspend: bool = False,
+    conditions: list[str] = (),
+    owner: str = UID,
+    queue: bool = False,
+    deleting: bool = False,
+    reason: str = "PodFailurePolicy",
+) -> dict[str, Any]:
+    labels = {"kubetune.io/job-name": NAME, "kubetune.io/attempt": str(attempt)}
+    if queue:
+        labels["kueue.x-k8s.io/queue-name"] = "q"
+    meta: dict[str, Any] = {"name": f"{NAME}-a{attempt}", "labels": labels, "ownerReferences": [{"uid": owner}]}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-02T03:00:00Z"
+    return {
+        "metadata": meta,
+        "spec": {"suspend": suspend},
+        "status": {
+            "conditions": [
+                {"type": t, "status": "True", "reason": reason if t == "Failed" else "X"} for t in conditions
+            ],
+            "completionTime": "2026-01-02T03:04:00Z" if "Complete" in conditions else None,
+        },
+    }
+
+
+def pod_obj(
+    attempt: int,
+    index: int,
+    phase: str = "Running",
+    exit_code: int | None = None,
+    message: dict[str, Any] | str | None = None,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase, "podIP": f"10.0.0.{index}"}
+    if exit_code is not None:
+        text = json.dumps(message) if isinstance(message, dict) else (message or "")
+        status["containerStatuses"] = [
+            {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": text}}}
+        ]
+    return {
+        "metadata": {
+            "name": f"{NAME}-a{attempt}-{index}-x",
+            "labels": {
+                "kubetune.io/job-name": NAME,
+                "kubetune.io/attempt": str(attempt),
+                "batch.kubernetes.io/job-completion-index": str(index),
+            },
+        },
+        "status": status,
+    }
+
+
+def run(
+    job: FineTuneJob,
+    status: dict[str, Any] | None,
+    jobs: list[dict[str, Any]] = (),
+    pods: list[dict[str, Any]] = (),
+    now: datetime = NOW,
+) -> Plan:
+    return next_status(job, observe(NAME, UID, status, jobs, pods), now)
+
+
+def cond(plan: Plan, kind: ConditionType) -> dict[str, Any]:
+    found = get_condition(plan.status["conditions"], kind)
+    assert found is not None, f"{kind} missing in {plan.status['conditions']}"
+    return found
+
+
+def running_status(attempt: int = 1, restarts: int = 0) -> dict[str, Any]:
+    plan = run(
+        make_job(),
+        {"attempt": attempt, "restarts": restarts},
+        [job_obj(attempt)],
+        [pod_obj(attempt, 0), pod_obj(attempt, 1)],
+        NOW - timedelta(minutes=10),
+    )
+    return plan.status
+
+
+def test_new_job_creates_attempt_one() -> None:
+    plan = run(make_job(), None)
+    assert plan.create_attempt == 1
+    assert plan.status["phase"] == Phase.PENDING
+    assert plan.status["attempt"] == 1
+    assert plan.status["restarts"] == 0
+    assert plan.status["observedGeneration"] == 3
+    assert cond(plan, ConditionType.CREATED)["reason"] == "AttemptCreated"
+    assert [e.reason for e in plan.events] == ["AttemptCreated"]
+
+
+def test_second_reconcile_creates_nothing() -> None:
+    first = run(make_job(), None)
+    again = run(make_job(), first.status, [job_obj(1)])
+    assert again.create_attempt is None
+    assert again.status == first.status
+    assert again.events == []
+
+
+def test_pods_running_makes_it_running_with_start_time() -> None:
+    pending = run(make_job(), None).status
+    plan = run(make_job(), pending, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1, phase="Pending")])
+    assert plan.status["phase"] == Phase.PENDING
+    assert "1/2 pods running" in cond(plan, ConditionType.RUNNING)["message"]
+    plan = run(make_job(), pending, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1)])
+    assert plan.status["phase"] == Phase.RUNNING
+    assert plan.status["startTime"] == "2026-01-02T03:04:05Z"
+    assert [e.reason for e in plan.events] == ["PodsRunning"]
+
+
+def test_last_transition_time_moves_only_on_flip() -> None:
+    status = running_status()
+    before = cond(Plan(status=status), ConditionType.RUNNING)["lastTransitionTime"]
+    later = run(make_job(), status, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1)], NOW + timedelta(hours=1))
+    assert cond(later, ConditionType.RUNNING)["lastTransitionTime"] == before
+    conditions = set_condition([], ConditionType.RUNNING, True, "A", "m", NOW)
+    flipped = set_condition(conditions, ConditionType.RUNNING, False, "B", "m", NOW + timedelta(seconds=5))
+    assert flipped[0]["lastTransitionTime"] == "2026-01-02T03:04:10Z"
+
+
+def test_success_reads_rank0_termination_message() -> None:
+    message = {
+        "reason": "Succeeded",
+        "message": "done",
+        "exitCode": 0,
+        "step": 300,
+        "evaluation": {"accuracy": 0.87, "f1": 0.86},
+        "output": {"uri": "s3://models/x"},
+        "checkpoint": {"uri": "s3://ckpt/x/checkpoints/step-00000300", "step": 300},
+    }
+    plan = run(
+        make_job(),
+        running_status(),
+        [job_obj(1, conditions=["Complete"])],
+        [pod_obj(1, 0, "Succeeded", 0, message), pod_obj(1, 1, "Succeeded", 0, {"reason": "Succeeded"})],
+    )
+    assert plan.status["phase"] == Phase.SUCCEEDED
+    assert plan.status["completionTime"] == "2026-01-02T03:04:00Z"
+    assert plan.status["evaluation"] == {"accuracy": 0.87, "f1": 0.86}
+    assert plan.status["output"] == {"uri": "s3://models/x"}
+    assert plan.status["checkpoint"]["step"] == 300
+    assert "accuracy=0.87" in cond(plan, ConditionType.SUCCEEDED)["message"]
+    assert cond(plan, ConditionType.RUNNING)["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "message", "permanent", "reason"),
+    [
+        (
+            11,
+            {"reason": "InvalidData", "message": "train.jsonl line 3: no field 'label'", "exitCode": 11},
+            True,
+            "InvalidData",
+        ),
+        (13, {"reason": "NonFiniteLoss", "message": "loss is nan at step 12", "exitCode": 13}, True, "NonFiniteLoss"),
+        (10, "", True, "Error"),
+        (
+            20,
+            {"reason": "StorageUnavailable", "message": "s3 unreachable", "exitCode": 20},
+            False,
+            "StorageUnavailable",
+        ),
+        (
+            21,
+            {"reason": "Preempted", "message": "SIGTERM at step 5: checkpoint step-00000005 committed"},
+            False,
+            "Preempted",
+        ),
+        (137, "OOMKilled", False, "Error"),
+    ],
+)
+def test_failure_classification(exit_code: int, message: Any, permanent: bool, reason: str) -> None:
+    observed = observe(
+        NAME,
+        UID,
+        {},
+        [job_obj(1, conditions=["Failed"])],
+        [pod_obj(1, 0, "Failed", exit_code, message), pod_obj(1, 1, "Failed", 143, None)],
+    )
+    failure = classify_failure(observed.attempts[1])
+    assert failure.permanent is permanent
+    assert failure.reason == reason
+    assert failure.exit_code == exit_code
+
+
+def test_permanent_failure_fails_at_once_with_trainer_message() -> None:
+    message = {"reason": "InvalidData", "message": "train.jsonl: field 'label' missing", "exitCode": 11}
+    plan = run(
+        make_job(),
+        running_status(),
+        [job_obj(1, conditions=["Failed"])],
+        [pod_obj(1, 0, "Failed", 143), pod_obj(1, 1, "Failed", 11, message)],
+    )
+    failed = cond(plan, ConditionType.FAILED)
+    assert plan.status["phase"] == Phase.FAILED
+    assert failed["reason"] == "InvalidData"
+    assert "field 'label' missing" in failed["message"]
+    assert plan.create_attempt is None
+    assert plan.status["restarts"] == 0
+    assert plan.status["completionTime"] == "2026-01-02T03:04:05Z"
+    assert [e.type for e in plan.events] == ["Warning"]
+
+
+def test_retryable_failure_schedules_restart_and_deletes_old_job() -> None:
+    message = {"reason": "StorageUnavailable", "message": "s3 down", "exitCode": 20}
+    plan = run(
+        make_job(),
+        running_status(),
+        [job_obj(1, conditions=["Failed"])],
+        [pod_obj(1, 0, "Failed", 20, message), pod_obj(1, 1, "Failed", 143)],
+    )
+    assert plan.status["phase"] == Phase.RESTARTING
+    assert plan.status["attempt"] == 2
+    assert plan.status["restarts"] == 1
+    assert plan.delete_jobs == [f"{NAME}-a1"]
+    assert plan.create_attempt is None
+    assert "s3 down" in cond(plan, ConditionType.RESTARTING)["message"]
+
+
+def test_restart_waits_for_old_pods_then_backoff_then_creates() -> None:
+    message = {"reason": "StorageUnavailable", "message": "s3 down", "exitCode": 20}
+    restarting = run(
+        make_job(), running_status(), [job_obj(1, conditions=["Failed"])], [pod_obj(1, 0, "Failed", 20, message)]
+    ).status
+    # The old Job is being deleted and its pods are still there: wait.
+    waiting = run(
+        make_job(), restarting, [job_obj(1, conditions=["Failed"], deleting=True)], [pod_obj(1, 0, "Failed", 20)]
+    )
+    assert waiting.create_attempt is None
+    assert waiting.delete_jobs == []
+    assert waiting.requeue_after is not None
+    # Gone, but the backoff is not over.
+    early = run(make_job(), restarting, [], [], NOW + timedelta(seconds=10))
+    assert early.create_attempt is None
+    assert early.requeue_after == pytest.approx(20.0)
+    late = run(make_job(), restarting, [], [], NOW + timedelta(seconds=30))
+    assert late.create_attempt == 2
+    assert late.status["phase"] == Phase.PENDING
+    assert cond(late, ConditionType.RESTARTING)["status"] == "False"
+
+
+def test_max_restarts_exhausted_fails_with_backoff_limit_exceeded() -> None:
+    status = running_status(attempt=3, restarts=2)
+    plan = run(make_job(), status, [job_obj(3, conditions=["Failed"])], [pod_obj(3, 0, "Failed", 20)])
+    failed = cond(plan, ConditionType.FAILED)
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert plan.status["restarts"] == 2
+    assert plan.create_attempt is None
+
+
+def test_deadline_exceeded_fails_and_stops_the_attempt() -> None:
+    status = running_status()
+    status["startTime"] = "2026-01-02T01:00:00Z"
+    plan = run(make_job(activeDeadlineSeconds=3600), status, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1)])
+    assert cond(plan, ConditionType.FAILED)["reason"] == "DeadlineExceeded"
+    assert plan.delete_jobs == [f"{NAME}-a1"]
+    by_job = run(make_job(), running_status(), [job_obj(1, conditions=["Failed"], reason="DeadlineExceeded")], [])
+    assert cond(by_job, ConditionType.FAILED)["reason"] == "DeadlineExceeded"
+
+
+def test_suspend_running_attempt_then_resume_as_new_attempt() -> None:
+    status = running_status()
+    suspend = run(make_job(suspend=True), status, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1)])
+    assert suspend.suspend_job == f"{NAME}-a1"
+    assert suspend.status["phase"] == Phase.SUSPENDED
+    suspended = run(make_job(suspend=True), suspend.status, [job_obj(1, suspend=True)], [])
+    assert suspended.suspend_job is None
+    assert suspended.status == suspend.status
+    resume = run(make_job(), suspended.status, [job_obj(1, suspend=True)], [])
+    assert resume.delete_jobs == [f"{NAME}-a1"]
+    assert resume.status["attempt"] == 2
+    assert resume.status["restarts"] == 0, "a resume is not a failure"
+    assert cond(resume, ConditionType.SUSPENDED)["reason"] == "Resumed"
+    create = run(make_job(), resume.status, [], [])
+    assert create.create_attempt == 2
+
+
+def test_suspended_before_start_is_not_created_until_resumed() -> None:
+    plan = run(make_job(suspend=True), None)
+    assert plan.create_attempt is None
+    assert plan.status["phase"] == Phase.SUSPENDED
+    resumed = run(make_job(), plan.status)
+    assert resumed.create_attempt == 1
+
+
+def test_kueue_holds_the_job_and_is_followed() -> None:
+    created = run(make_job(), None).status
+    queued = run(make_job(), created, [job_obj(1, suspend=True, queue=True)], [])
+    assert queued.status["phase"] == Phase.PENDING
+    assert cond(queued, ConditionType.CREATED)["reason"] == "Queued"
+    assert queued.unsuspend_job is None, "never fight Kueue"
+    admitted = run(make_job(), queued.status, [job_obj(1, queue=True)], [pod_obj(1, 0), pod_obj(1, 1)])
+    assert admitted.status["phase"] == Phase.RUNNING
+
+
+def test_ttl_deletes_after_finish() -> None:
+    message = {"reason": "Succeeded", "exitCode": 0}
+    job = make_job(ttlSecondsAfterFinished=60)
+    done = run(job, running_status(), [job_obj(1, conditions=["Complete"])], [pod_obj(1, 0, "Succeeded", 0, message)])
+    assert done.delete_self is False
+    assert done.requeue_after is not None
+    later = run(job, done.status, [job_obj(1, conditions=["Complete"])], [], NOW + timedelta(minutes=2))
+    assert later.delete_self is True
+
+
+def test_job_deleted_while_running_is_a_retryable_failure() -> None:
+    plan = run(make_job(), running_status(), [], [])
+    assert plan.status["phase"] == Phase.RESTARTING
+    assert plan.status["restarts"] == 1
+
+
+def test_foreign_job_with_our_name_is_not_adopted() -> None:
+    plan = run(make_job(), None, [job_obj(1, owner="someone-else")])
+    assert cond(plan, ConditionType.FAILED)["reason"] == "AttemptNameTaken"
+
+
+def test_older_attempts_are_deleted() -> None:
+    status = running_status(attempt=2, restarts=1)
+    plan = run(make_job(), status, [job_obj(1), job_obj(2)], [pod_obj(2, 0), pod_obj(2, 1)])
+    assert plan.delete_jobs == [f"{NAME}-a1"]
+
+
+def test_invalid_spec_names_the_field() -> None:
+    plan = invalid_spec_plan({}, "spec.resources.nodes", "Input should be a valid integer", NOW, 2)
+    failed = cond(plan, ConditionType.FAILED)
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.resources.nodes" in failed["message"]
+    assert plan.status["phase"] == Phase.FAILED
+    assert plan.events[0].reason == "InvalidSpec"
+
+
+def test_phase_is_derived_from_conditions_only() -> None:
+    conditions = set_condition([], ConditionType.RUNNING, True, "A", "", NOW)
+    assert derive_phase(conditions) == Phase.RUNNING
+    conditions = set_condition(conditions, ConditionType.FAILED, True, "B", "", NOW)
+    assert derive_phase(conditions) == Phase.FAILED
+    assert derive_phase([]) == Phase.PENDING
