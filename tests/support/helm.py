@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,13 @@ def load_chart() -> helm_python.Chart:
 
 def render_manifests(values: dict[str, Any], *, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
     """Template path → rendered text (Helm validates ``values`` against values.schema.json first)."""
-    return load_chart().render(values, name=name, namespace=namespace)
+    return dict(_render_cached(json.dumps(values, sort_keys=True), name, namespace))
+
+
+@functools.lru_cache(maxsize=64)
+def _render_cached(values_json: str, name: str, namespace: str) -> tuple[tuple[str, str], ...]:
+    # Rendering is pure; the cache keeps the many tests over the same scenarios fast on a busy machine.
+    return tuple(sorted(load_chart().render(json.loads(values_json), name=name, namespace=namespace).items()))
 
 
 def render(values: dict[str, Any], *, name: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:

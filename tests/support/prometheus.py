@@ -269,6 +269,7 @@ def assert_every_panel_has_data(
     timeout: float = 60.0,
     finite: bool = False,
     dashboards: Mapping[str, dict[str, Any]] | None = None,
+    targets_timeout: float = 60.0,
 ) -> None:
     """Scrape ``targets`` with a fresh Prometheus and require data in every panel of every dashboard.
 
@@ -276,7 +277,8 @@ def assert_every_panel_has_data(
     lists.  ``extra_labels`` are attached to every target, as the PodMonitor's relabelling does in a
     cluster; ``namespace`` and ``job_name`` among them become the Training dashboard's ``$namespace``
     and ``$job``.  The dashboards' variable queries must offer those values too.  Raises
-    AssertionError listing every empty panel.
+    AssertionError listing every empty panel.  ``targets_timeout`` bounds the wait for the first successful
+    scrapes, ``timeout`` the wait for data after that.
     """
     labels = dict(extra_labels or {})
     models = dict(dashboards) if dashboards is not None else load_dashboards()
@@ -287,7 +289,7 @@ def assert_every_panel_has_data(
         "datasource": "prometheus",
     }
     with run_prometheus(targets, labels) as server:
-        wait_for_targets_up(server, timeout=timeout)
+        wait_for_targets_up(server, timeout=targets_timeout)
         deadline = time.monotonic() + timeout
         problems: list[str] = []
         while True:
