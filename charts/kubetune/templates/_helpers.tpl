@@ -73,29 +73,29 @@ app.kubernetes.io/managed-by: kubetune-operator
 
 {{/*
 Rules for namespaced resources, shared by the ClusterRole (all namespaces) and the per-namespace Roles.
-Every verb here is one the operator calls (tests/chart/test_rbac.py checks it); no Secret access at all:
+Each verb is one the operator's code or kopf calls (tests/chart/test_rbac.py pins the set):
+finetunejobs are watched, read, patched (kopf's annotations, status) and deleted after their TTL;
+children are created idempotently (a 409 means "already there"), attempt Jobs are listed, patched
+(suspend) and deleted; pods are only listed (termination messages, IPs).  No Secret access at all:
 credentials reach trainer pods through secretKeyRef, which needs no RBAC.
 */}}
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "get", "list", "watch", "delete", "patch"]
+  verbs: ["create"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["create", "get", "list", "watch", "delete", "patch"]
+  verbs: ["create", "list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end -}}

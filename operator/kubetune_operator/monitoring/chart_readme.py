@@ -135,7 +135,7 @@ def render(chart_dir: Path) -> str:
         "",
         "- The operator has no access to Secrets: trainer pods get S3 credentials through `secretKeyRef`.",
         "- RBAC is least privilege: cluster-wide mode (a ClusterRole) or namespaced mode (`watchNamespaces`:",
-        "  Roles in the listed namespaces, only CRD discovery cluster-wide). No wildcards, no pods/exec.",
+        "  Roles in the listed namespaces; cluster-wide only reads of CRDs and namespace names). No wildcards.",
         "- The operator and trainer pods satisfy the Pod Security Standards `restricted` profile: non-root,",
         "  no privilege escalation, all capabilities dropped, seccomp `RuntimeDefault`, read-only root filesystem.",
         "- `values.schema.json` rejects unknown keys, so a misspelt setting fails `helm install`.",
