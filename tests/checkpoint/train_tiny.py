@@ -29,6 +29,23 @@ DATA_SIZE = 512
 FEATURES = 16
 
 
+def _model_class() -> type:
+    import torch
+
+    class TinyNet(torch.nn.Module):
+        """Linear → ReLU → dropout (mask given) → Linear."""
+
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(FEATURES, hidden)
+            self.outer = torch.nn.Linear(hidden, 1)
+
+        def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            return self.outer(torch.relu(self.inner(x)) * keep)
+
+    return TinyNet
+
+
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uri", required=True)
@@ -63,27 +80,23 @@ def main() -> int:
     from kubetune_trainer.checkpoint.manifest import LATEST_KEY, scan
     from kubetune_trainer.storage import open_store
 
+    TinyNet = _model_class()  # noqa: N806 - a class
+
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(1000 + rank)  # dropout masks differ per rank, as in real training
     torch.set_num_threads(1)
 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(DATA_SIZE, FEATURES, generator=generator)
-    targets = inputs @ torch.randn(FEATURES, 1, generator=generator) + 0.05 * torch.randn(
-        DATA_SIZE, 1, generator=generator
-    )
+    weights = torch.randn(FEATURES, 1, generator=generator) / FEATURES**0.5
+    targets = inputs @ weights + 0.05 * torch.randn(DATA_SIZE, 1, generator=generator)
+    torch.manual_seed(1000)  # the same stream on every rank: dropout masks are drawn for the global batch
+    model = TinyNet(args.hidden)
     init = torch.Generator().manual_seed(42)  # the same initial weights on every rank and every run
-    model = torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, args.hidden),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(args.dropout),
-        torch.nn.Linear(args.hidden, 1),
-    )
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=init) * 0.1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+            param.copy_(torch.randn(param.shape, generator=init) * 0.2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.02 * s))
     micro = GLOBAL_BATCH // world
     config = {
@@ -120,7 +133,12 @@ def main() -> int:
     for step in range(start + 1, args.steps + 1):
         batch = [((step - 1) * GLOBAL_BATCH + i) % DATA_SIZE for i in range(GLOBAL_BATCH)]
         mine = batch[rank * micro : (rank + 1) * micro]
-        loss = torch.nn.functional.mse_loss(engine(inputs[mine]), targets[mine])
+        # Dropout drawn from the RNG for the whole global batch, each rank using its rows: the same masks at
+        # any world size, and they depend on the restored RNG state (so resume equivalence tests RNG restore).
+        keep = (torch.rand(GLOBAL_BATCH, args.hidden) >= args.dropout).float() / (1.0 - args.dropout)
+        loss = torch.nn.functional.mse_loss(
+            engine(inputs[mine], keep[rank * micro : (rank + 1) * micro]), targets[mine]
+        )
         engine.backward(loss)
         engine.step()
         mean = loss.detach().clone()
@@ -138,15 +156,10 @@ def main() -> int:
             manager.finish()  # the previous checkpoint is committed; then die without any cleanup
             os.kill(os.getpid(), signal.SIGKILL)
         if args.watch_retention and rank == 0:
+            in_flight = manager.upload_in_flight  # right after a save its upload has just started
+            committed = list(scan(store.list("checkpoints/")).committed)
             latest = store.get_bytes(LATEST_KEY).decode().strip() if store.exists(LATEST_KEY) else None
-            retention_log.append(
-                {
-                    "step": step,
-                    "in_flight": manager.upload_in_flight,
-                    "latest": latest,
-                    "committed": list(scan(store.list("checkpoints/")).committed),
-                }
-            )
+            retention_log.append({"step": step, "in_flight": in_flight, "latest": latest, "committed": committed})
         if args.step_sleep:
             time.sleep(args.step_sleep)
     manager.finish()

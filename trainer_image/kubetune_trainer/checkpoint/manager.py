@@ -450,6 +450,8 @@ class CheckpointManager:
                 self.world_size,
             )
             universal.convert(full, node_dir / "universal" / manifest.tag)
+            for rng_file in full.glob(RNG_FILE_PATTERN.replace("{rank:05d}", "*")):
+                shutil.copy2(rng_file, node_dir / "universal" / manifest.tag / rng_file.name)
             shutil.rmtree(node_dir / "full", ignore_errors=True)
         return node_dir / "universal"
 
@@ -480,16 +482,14 @@ class CheckpointManager:
             path, client_state = engine.load_checkpoint(str(load_dir), tag=manifest.tag, load_module_strict=strict)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {manifest.tag} from {load_dir}")
-        rng_file = load_dir / manifest.tag / RNG_FILE_PATTERN.format(rank=self.rank)
-        if manifest.world_size == self.world_size and rng_file.is_file():
+        # At another world size rank r takes the state of saved rank r mod old size: every rank gets the
+        # state of a rank that existed (ranks seeded alike stay alike).
+        source_rank = self.rank % manifest.world_size
+        rng_file = load_dir / manifest.tag / RNG_FILE_PATTERN.format(rank=source_rank)
+        if rng_file.is_file():
             rng.load(rng_file)
         else:
-            log.info(
-                "checkpoint %s: RNG states not restored (world size %d -> %d)",
-                manifest.tag,
-                manifest.world_size,
-                self.world_size,
-            )
+            log.warning("checkpoint %s: no RNG state of rank %d, RNG states not restored", manifest.tag, source_rank)
         self._barrier()  # nobody deletes a shared (node) folder another rank still reads
         shutil.rmtree(self.work_dir / "checkpoint-restore" / f"rank-{self.rank:05d}", ignore_errors=True)
         if self.local_rank == 0:

@@ -188,12 +188,15 @@ def rank_of_file(name: str) -> int | None:
 
 
 def files_needed_by(manifest: Manifest, rank: int) -> list[FileEntry]:
-    """Files rank ``rank`` must download to resume at the checkpoint's own world size.
+    """Files rank ``rank`` downloads to resume without conversion.
 
     Its own shards and RNG state, plus the shared files (the model states and
     client state that data-parallel rank 0 writes); not the other ranks' shards.
+    At another world size (ZeRO-0 only: nothing is partitioned) rank r takes the
+    per-rank files of saved rank r mod the old world size.
     """
-    return [f for f in manifest.files if rank_of_file(f.name) in (None, rank)]
+    source = rank % manifest.world_size
+    return [f for f in manifest.files if rank_of_file(f.name) in (None, source)]
 
 
 @dataclass(frozen=True)
