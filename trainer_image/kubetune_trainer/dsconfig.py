@@ -11,9 +11,9 @@ Things DeepSpeed does that the mapping works around (see the scheduler code):
 
 * ``WarmupLR``/``WarmupDecayLR``/``WarmupCosineLR`` reject
   ``warmup_num_steps = 0`` and silently raise anything below 2 to 2, and
-  their default warm-up curve is logarithmic.  We always ask for a linear
-  curve when warming up, and emulate "no warm-up" per scheduler (see
-  :func:`_scheduler`).
+  their default warm-up curve is logarithmic.  We ask for a linear curve
+  when warming up, and emulate "no warm-up" per scheduler so that the run
+  starts at the peak learning rate (see :func:`_scheduler`).
 * On CPU, DeepSpeed's ``AdamW`` type means ``FusedAdam``, a C++ op compiled
   at start-up; ``torch_adam: true`` selects ``torch.optim.AdamW`` instead
   (same update rule).  With ZeRO-Offload DeepSpeed insists on its own
@@ -58,46 +58,70 @@ def warmup_steps(spec: FineTuneJobSpec, total_steps: int) -> int:
 def _scheduler(spec: FineTuneJobSpec, total_steps: int) -> dict[str, Any]:
     lr = spec.training.learning_rate
     warmup = warmup_steps(spec, total_steps)
-    warming = warmup >= _DS_MIN_WARMUP
-    num_warmup = warmup if warming else _DS_MIN_WARMUP
     kind = spec.training.scheduler
-    if kind == "constant":
-        # No warm-up: start at the peak (min = max makes the forced 2-step
-        # warm-up a no-op).
+    if warmup >= _DS_MIN_WARMUP:
+        # DeepSpeed's convention: the scheduler is created at iteration -1
+        # (lr = warm-up start) and stepped after each optimizer step, so step
+        # k runs at f(k-1): the warm-up ends one step later than Hugging
+        # Face's (which runs step k at f(k)).
+        if kind == "constant":
+            params: dict[str, Any] = {"warmup_min_lr": 0.0, "warmup_max_lr": lr}
+            return {"type": "WarmupLR", "params": {**params, "warmup_num_steps": warmup, "warmup_type": "linear"}}
+        if kind == "cosine":
+            return {
+                "type": "WarmupCosineLR",
+                "params": {
+                    "total_num_steps": total_steps,
+                    "warmup_min_ratio": 0.0,
+                    "warmup_num_steps": warmup,
+                    "cos_min_ratio": 0.0,
+                    "warmup_type": "linear",
+                },
+            }
         return {
-            "type": "WarmupLR",
+            "type": "WarmupDecayLR",
             "params": {
-                "warmup_min_lr": 0.0 if warming else lr,
+                "total_num_steps": total_steps,
+                "warmup_min_lr": 0.0,
                 "warmup_max_lr": lr,
-                "warmup_num_steps": num_warmup,
+                "warmup_num_steps": warmup,
                 "warmup_type": "linear",
             },
         }
+    # No warm-up requested, but DeepSpeed warms up at least 2 steps (and
+    # rejects 0).  Starting the scheduler at iteration 0 skips its initial
+    # lr update, so step 0 runs at the optimizer's lr (the peak) and step k
+    # at f(k); each curve is then chosen to be flat at the peak over the
+    # forced 2 warm-up steps.  (Before the first step the scheduler's
+    # get_last_lr() is unset; read engine.get_lr().)
+    start = {"warmup_num_steps": _DS_MIN_WARMUP, "last_batch_iteration": 0}
+    if kind == "constant":
+        return {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": lr, "warmup_max_lr": lr, "warmup_type": "linear", **start},
+        }
     if kind == "cosine":
-        # Ratios relative to the optimizer's lr; warmup_min_ratio 1 makes the
-        # forced warm-up flat at the peak.
         return {
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": total_steps,
-                "warmup_min_ratio": 0.0 if warming else 1.0,
-                "warmup_num_steps": num_warmup,
+                "warmup_min_ratio": 1.0,
                 "cos_min_ratio": 0.0,
                 "warmup_type": "linear",
+                **start,
             },
         }
-    # linear.  warmup_min_lr is also the floor the decay ends at, so it must
-    # stay 0; without a requested warm-up the "log" curve over DeepSpeed's
-    # minimum of 2 steps is 0 at step 0 and the peak from step 1 on (the
-    # linear curve would spend step 1 at half the peak).
+    # linear: warmup_min_lr is also where the decay ends, so it stays 0; the
+    # "log" curve over 2 steps is 0 at iteration 0 (not run: step 0 uses the
+    # optimizer's lr) and the peak at iteration 1, then linear decay.
     return {
         "type": "WarmupDecayLR",
         "params": {
             "total_num_steps": total_steps,
             "warmup_min_lr": 0.0,
             "warmup_max_lr": lr,
-            "warmup_num_steps": num_warmup,
-            "warmup_type": "linear" if warming else "log",
+            "warmup_type": "log",
+            **start,
         },
     }
 

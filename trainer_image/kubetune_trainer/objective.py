@@ -20,6 +20,7 @@ partitioned parameters instead of returning a wrong number.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -219,10 +220,22 @@ def _is_added_by_strategy(name: str) -> bool:
     return any(marker in name for marker in ADDED_PARAMETER_MARKERS)
 
 
+_PEFT_WRAPPER_SEGMENT = re.compile(r"\.(modules_to_save\.[^.]+|original_module)(?=\.)")
+
+
+def _canonical_name(name: str) -> str:
+    # PEFT renames "classifier.weight" to
+    # "base_model.model.classifier.modules_to_save.default.weight" (the
+    # trained copy) and "...classifier.original_module.weight".
+    name = name.removeprefix("base_model.model.")
+    return _PEFT_WRAPPER_SEGMENT.sub("", name)
+
+
 def _matches(name: str, names: Collection[str]) -> bool:
-    # PEFT wraps the model ("base_model.model.<original name>"), so a name
-    # from the backbone's loading info matches as a dotted suffix too.
-    return name in names or any(name.endswith("." + n) for n in names)
+    # Names from the backbone's loading info match after PEFT's renaming is
+    # undone, exactly or as a dotted suffix (task models nest the backbone).
+    canonical = _canonical_name(name)
+    return canonical in names or any(canonical.endswith("." + n) for n in names)
 
 
 def snapshot_anchors(model: nn.Module, *, new_parameter_names: Collection[str] = ()) -> dict[str, Tensor]:
@@ -234,9 +247,9 @@ def snapshot_anchors(model: nn.Module, *, new_parameter_names: Collection[str] =
     * parameters named in ``new_parameter_names`` — pass the backbone's newly
       initialized weights, e.g. ``loading_info["missing_keys"]`` from
       ``AutoModel...from_pretrained(..., output_loading_info=True)`` (the
-      fresh classification head); names also match as a dotted suffix, so
-      they still match after PEFT prefixes the model with
-      ``base_model.model.``;
+      fresh classification head); names are compared after undoing PEFT's
+      renaming (``base_model.model.`` prefix, ``modules_to_save.<adapter>``
+      and ``original_module`` segments) and also match as a dotted suffix;
     * parameters a strategy added (names containing one of
       :data:`ADDED_PARAMETER_MARKERS`: LoRA/AdaLoRA/IA3 weights, prompt and
       prefix encoders, bottleneck adapters);
