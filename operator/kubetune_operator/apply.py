@@ -179,12 +179,22 @@ async def reconcile_one(
     )
 
 
+def _checkpoint_root(body: Mapping[str, Any], settings: OperatorSettings | None) -> str | None:
+    if settings is None:
+        return ((body.get("spec") or {}).get("checkpoint") or {}).get("uri")
+    try:
+        return resolve_job(parse_job(dict(body)), settings).spec.checkpoint.uri
+    except InvalidSpec:
+        return None
+
+
 async def refresh_progress(
     api: kube.KubeApi,
     namespace: str,
     name: str,
     *,
     metrics_url: MetricsUrlFn = default_metrics_url,
+    settings: OperatorSettings | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     timeout: float = 3.0,
 ) -> bool:
@@ -214,7 +224,7 @@ async def refresh_progress(
     progress, checkpoint = parsed
     patch: dict[str, Any] = {"progress": progress}
     if checkpoint:
-        uri = ((body.get("spec") or {}).get("checkpoint") or {}).get("uri")
+        uri = _checkpoint_root(body, settings)
         merged = {**(status.get("checkpoint") or {}), **checkpoint}
         if uri:
             merged["uri"] = f"{uri.rstrip('/')}/checkpoints/step-{int(checkpoint['step']):08d}"

@@ -224,7 +224,9 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
         if context.api is None:
             return
         try:
-            await apply.refresh_progress(context.api, namespace or "default", name, metrics_url=context.metrics_url)
+            await apply.refresh_progress(
+                context.api, namespace or "default", name, metrics_url=context.metrics_url, settings=settings
+            )
         except kube.ApiError as error:  # progress is best effort; the phase never depends on it
             logger.info("progress of %s/%s not updated: %s", namespace, name, error)
 

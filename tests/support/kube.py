@@ -19,7 +19,6 @@ fail (exit code + termination message) or succeed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import datetime
 import json
@@ -159,21 +158,24 @@ class Emulator(kmock.KubernetesEmulator):
         for key, info in RESOURCES.items():
             self.resources[key] = info
         self._gc_tasks: set[asyncio.Task[None]] = set()
+        self.store: dict[tuple[str, str], dict[tuple[str | None, str], dict[str, Any]]] = {}
+        self._resources_seen: dict[tuple[str, str], Any] = {}
 
     # ----------------------------------------------------------------- helpers
 
-    def _key(self, resource: Any, namespace: str | None, name: str) -> tuple[Any, str | None, str]:
-        return (resource, namespace, name)
-
     def _get(self, resource: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
-        key = self._key(resource, namespace, name)
-        if key not in self._objects or self._objects[key].deleted:
-            return None
-        return copy.deepcopy(self._objects[key].raw)
+        found = self.store.get(self._gk(resource), {}).get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
 
     def _store(self, resource: Any, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
-        # A fresh Object per version: no unbounded history in long benchmarks.
+        # Reads are served from this plain index (kmock's generic matching is too slow for
+        # hundreds of objects); kmock's own array is kept in step for its watch streams.
+        self.store.setdefault(self._gk(resource), {})[(namespace, name)] = obj
         self._objects[resource, namespace, name] = obj
+
+    def _forget(self, resource: Any, namespace: str | None, name: str) -> None:
+        self.store.get(self._gk(resource), {}).pop((namespace, name), None)
+        del self._objects[resource, namespace, name]
 
     async def _publish(self, resource: Any, kind: str, obj: Mapping[str, Any]) -> None:
         await self._buses[resource].put({"type": kind, "object": copy.deepcopy(dict(obj))})
@@ -208,6 +210,9 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is None or not request.resource.plural:  # discovery
             return await apps.RawHandler._handle(self, request)
         resource = request.resource
+        self._resources_seen.setdefault(self._gk(resource), resource)
+        if len(self._requests) > 2000:  # kmock keeps every request; the tests only need our call log
+            del self._requests[:]
         plural = resource.plural + (f"/{request.subresource}" if request.subresource else "")
         agent = ""
         if request._raw_request is not None:
@@ -223,6 +228,13 @@ class Emulator(kmock.KubernetesEmulator):
                 )
         action = request.action
         try:
+            if action == enums.action.FETCH and request.name and not request.subresource:
+                found = self.store.get(self._gk(resource), {}).get((request.namespace, request.name))
+                if found is None:
+                    raise KubernetesObjectNotFoundError()
+                return aiohttp.web.json_response(found)
+            if action == enums.action.LIST:
+                return aiohttp.web.json_response(self._list(request))
             if action == enums.action.CREATE:
                 return await self._create(request)
             if action == enums.action.UPDATE and request.name:
@@ -232,6 +244,20 @@ class Emulator(kmock.KubernetesEmulator):
         except (KubernetesObjectConflictError, KubernetesObjectNotFoundError) as error:
             return await self._render_error(error)
         return await apps.RawHandler._handle(self, request)
+
+    def _list(self, request: Any) -> dict[str, Any]:
+        selector: dict[str, str] = {}
+        for term in str(request.params.get("labelSelector", "")).split(","):
+            if "=" in term:
+                key, _, value = term.partition("=")
+                selector[key.strip().rstrip("=")] = value.strip().lstrip("=")
+        items = [
+            obj
+            for (namespace, _name), obj in self.store.get(self._gk(request.resource), {}).items()
+            if (request.namespace is None or namespace == request.namespace)
+            and all((obj.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in selector.items())
+        ]
+        return {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
 
     async def _create(self, request: Any) -> aiohttp.web.StreamResponse:
         resource = request.resource
@@ -329,7 +355,7 @@ class Emulator(kmock.KubernetesEmulator):
         self, resource: Any, namespace: str | None, name: str, obj: dict[str, Any], *, propagation: str
     ) -> None:
         """Physically delete (lock held) and schedule the dependents' garbage collection."""
-        del self._objects[resource, namespace, name]
+        self._forget(resource, namespace, name)
         await self._publish(resource, "DELETED", obj)
         uid = obj.get("metadata", {}).get("uid")
         if uid and propagation != "Orphan":
@@ -341,10 +367,11 @@ class Emulator(kmock.KubernetesEmulator):
         await asyncio.sleep(self.gc_delay)
         async with self._lock:
             dependents = [
-                (resource, namespace, name, copy.deepcopy(obj.raw))
-                for (resource, namespace, name), obj in list(self._objects.items())
-                if not obj.deleted
-                and any(ref.get("uid") == owner_uid for ref in obj.raw.get("metadata", {}).get("ownerReferences", []))
+                (self._resources_seen[gk], namespace, name, copy.deepcopy(obj))
+                for gk, objects in self.store.items()
+                if gk in self._resources_seen
+                for (namespace, name), obj in list(objects.items())
+                if any(ref.get("uid") == owner_uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
             ]
             for resource, namespace, name, obj in dependents:
                 if obj["metadata"].get("finalizers"):
@@ -530,6 +557,7 @@ class JobController:
         self.auto_run = auto_run  # new pods go straight to Running
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.errors: list[str] = []
 
     # -------------------------------------------------------------- reconciliation of Jobs to pods
 
@@ -540,19 +568,25 @@ class JobController:
             owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
             pods_by_job.setdefault((pod["metadata"]["namespace"], owner.get("name", "")), []).append(pod)
         for job in self.client.jobs():
-            namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-            pods = pods_by_job.get((namespace, name), [])
-            conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
-            if conditions & {"Complete", "Failed"}:
-                continue
-            if job["spec"].get("suspend"):
-                for pod in pods:
-                    self.client.delete("v1", "pods", namespace, pod["metadata"]["name"])
-                if pods or "Suspended" not in conditions:
-                    self._job_status(job, active=0, conditions=[self._condition("Suspended", "JobSuspended")])
-                continue
-            if not pods:
-                self.create_pods(job)
+            try:
+                self._step_job(job, pods_by_job)
+            except (urllib.error.URLError, OSError, KeyError, TypeError) as error:
+                self.errors.append(f"{job['metadata'].get('name')}: {error!r}")
+
+    def _step_job(self, job: Mapping[str, Any], pods_by_job: Mapping[tuple[str, str], list[dict[str, Any]]]) -> None:
+        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        pods = pods_by_job.get((namespace, name), [])
+        conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
+        if conditions & {"Complete", "Failed"}:
+            return
+        if job["spec"].get("suspend"):
+            for pod in pods:
+                self.client.delete("v1", "pods", namespace, pod["metadata"]["name"])
+            if pods or "Suspended" not in conditions:
+                self._job_status(job, active=0, conditions=[self._condition("Suspended", "JobSuspended")])
+            return
+        if not pods:
+            self.create_pods(job)
 
     def _condition(self, kind: str, reason: str, message: str = "") -> dict[str, Any]:
         return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()}
@@ -693,8 +727,10 @@ class JobController:
         def loop() -> None:
             while not self._stop.is_set():
                 # Objects vanish under us; the next pass sees the new state.
-                with contextlib.suppress(urllib.error.URLError, OSError, KeyError, TypeError):
+                try:
                     self.step()
+                except (urllib.error.URLError, OSError, KeyError, TypeError) as error:
+                    self.errors.append(repr(error))
                 self._stop.wait(interval)
 
         self._thread = threading.Thread(target=loop, name="job-controller", daemon=True)

@@ -1,0 +1,328 @@
+"""The operator end to end against the API emulator: real kopf, real HTTP, a scripted Job controller."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.exposition import MetricsHandler
+
+from kubetune_operator.builders import desired_children, parse_job
+from kubetune_operator.main import OperatorHandle
+from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
+from tests.support.kube import Client, EmulatorServer, JobController, wait_for
+
+TIMEOUT = 30.0
+
+
+def status(client: Client, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
+    obj = client.ftj(namespace, name)
+    return (obj or {}).get("status") or {}
+
+
+def wait_phase(client: Client, name: str, phase: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+    wait_for(lambda: status(client, name).get("phase") == phase, timeout, what=f"{name} phase {phase}")
+    return status(client, name)
+
+
+def condition(st: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in st.get("conditions", []) if c["type"] == kind)
+
+
+def job_names(client: Client, prefix: str) -> list[str]:
+    return sorted(j["metadata"]["name"] for j in client.jobs(NAMESPACE) if j["metadata"]["name"].startswith(prefix))
+
+
+def events(client: Client, name: str) -> list[tuple[str, str]]:
+    return [
+        (e["reason"], e["message"])
+        for e in client.list("v1", "events", NAMESPACE)
+        if e["involvedObject"]["name"] == name
+    ]
+
+
+def create(client: Client, manifest: dict[str, Any]) -> dict[str, Any]:
+    return client.create(*FTJ, manifest["metadata"].get("namespace", NAMESPACE), manifest)
+
+
+def strip_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = json.loads(json.dumps(obj))
+    for key in ("uid", "resourceVersion", "creationTimestamp", "generation"):
+        obj["metadata"].pop(key, None)
+    obj.pop("status", None)
+    return obj
+
+
+def test_create_makes_children_then_running(operator: OperatorHandle, client: Client, cluster: EmulatorServer) -> None:
+    created = create(client, job_manifest("t-create"))
+    wait_for(lambda: job_names(client, "t-create"), TIMEOUT, what="attempt Job")
+    config_map = client.get("v1", "configmaps", NAMESPACE, "t-create-config")
+    service = client.get("v1", "services", NAMESPACE, "t-create")
+    attempt_job = client.get("batch/v1", "jobs", NAMESPACE, "t-create-a1")
+    expected = desired_children(parse_job(created), operator.context.settings, attempt=1)
+    # Exactly what the pure builders say, owned by the FineTuneJob.
+    assert [strip_server_fields(o) for o in (config_map, service, attempt_job)] == expected
+    assert attempt_job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    st = wait_phase(client, "t-create", "Running")
+    assert st["attempt"] == 1
+    assert st["startTime"]
+    assert st["observedGeneration"] == 1
+    assert condition(st, "Created")["status"] == "True"
+    reasons = [reason for reason, _ in events(client, "t-create")]
+    assert reasons[:2] == ["AttemptCreated", "PodsRunning"]
+    # kopf keeps its state in annotations, never in status.
+    assert set(st) <= {"phase", "conditions", "attempt", "restarts", "startTime", "observedGeneration", "progress"}
+    assert any(k.startswith("kubetune.io/") for k in client.ftj(NAMESPACE, "t-create")["metadata"]["annotations"])
+
+
+def test_success_records_completion_and_results(
+    operator: OperatorHandle, client: Client, controller: JobController
+) -> None:
+    create(client, job_manifest("t-success"))
+    wait_phase(client, "t-success", "Running")
+    message = {
+        "reason": "Succeeded",
+        "message": "published",
+        "exitCode": 0,
+        "step": 120,
+        "evaluation": {"accuracy": 0.91, "f1": 0.9},
+        "output": {"uri": "s3://models/ml/t-success"},
+        "checkpoint": {"uri": "s3://kubetune-ckpt/ml/t-success/checkpoints/step-00000120", "step": 120},
+    }
+    controller.succeed(NAMESPACE, "t-success-a1", message)
+    st = wait_phase(client, "t-success", "Succeeded")
+    assert st["completionTime"]
+    assert st["evaluation"] == {"accuracy": 0.91, "f1": 0.9}
+    assert st["output"] == {"uri": "s3://models/ml/t-success"}
+    assert st["checkpoint"]["step"] == 120
+    assert condition(st, "Running")["status"] == "False"
+    assert ("Succeeded", "attempt 1 succeeded: accuracy=0.91, f1=0.9") in events(client, "t-success")
+
+
+def test_retryable_failure_restarts_after_backoff(
+    operator: OperatorHandle, client: Client, controller: JobController, cluster: EmulatorServer
+) -> None:
+    create(client, job_manifest("t-retry", backoffSeconds=2))
+    wait_phase(client, "t-retry", "Running")
+    failure = {"reason": "StorageUnavailable", "message": "s3://ckpt unreachable", "exitCode": 20}
+    controller.fail(NAMESPACE, "t-retry-a1", index=1, exit_code=20, message=failure)
+    st = wait_phase(client, "t-retry", "Restarting", 10)
+    assert st["restarts"] == 1
+    assert st["attempt"] == 2
+    assert "s3://ckpt unreachable" in condition(st, "Restarting")["message"]
+    wait_for(lambda: "t-retry-a2" in job_names(client, "t-retry"), TIMEOUT, what="attempt 2")
+    assert job_names(client, "t-retry") == ["t-retry-a2"], "the old attempt is gone before the new one exists"
+    calls = [(c.verb, c.resource) for c in cluster.emulator.calls]
+    paths = [c for c in cluster.emulator.calls if c.resource == "jobs" and c.verb in ("create", "delete")]
+    assert [c.verb for c in paths if c.namespace == NAMESPACE][-2:] == ["delete", "create"]
+    assert calls
+    attempt2 = client.get("batch/v1", "jobs", NAMESPACE, "t-retry-a2")
+    restarting_since = datetime.fromisoformat(condition(st, "Restarting")["lastTransitionTime"].replace("Z", "+00:00"))
+    created_at = datetime.fromisoformat(attempt2["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    assert (created_at - restarting_since).total_seconds() >= 1, "backoffSeconds is honoured"
+    env = {e["name"]: e.get("value") for e in attempt2["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_ATTEMPT"] == "2"
+    assert env["KUBETUNE_MASTER_ADDR"] == "t-retry-a2-0.t-retry"
+    st = wait_phase(client, "t-retry", "Running")
+    assert condition(st, "Restarting")["status"] == "False"
+
+
+def test_permanent_failure_fails_at_once(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+    create(client, job_manifest("t-permanent"))
+    wait_phase(client, "t-permanent", "Running")
+    failure = {"reason": "InvalidData", "message": "train.jsonl line 7: label 'maybe' is not in labels", "exitCode": 11}
+    controller.fail(NAMESPACE, "t-permanent-a1", index=0, exit_code=11, message=failure)
+    st = wait_phase(client, "t-permanent", "Failed", 10)
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "InvalidData"
+    assert "label 'maybe' is not in labels" in failed["message"]
+    assert st["restarts"] == 0
+    time.sleep(1.5)
+    assert job_names(client, "t-permanent") == ["t-permanent-a1"], "no second attempt"
+
+
+def test_max_restarts_exhausted(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+    create(client, job_manifest("t-exhaust", maxRestarts=1))
+    wait_phase(client, "t-exhaust", "Running")
+    controller.fail(NAMESPACE, "t-exhaust-a1", exit_code=137, message="OOMKilled")
+    wait_for(lambda: job_names(client, "t-exhaust") == ["t-exhaust-a2"], TIMEOUT, what="attempt 2")
+    wait_for(
+        lambda: (
+            status(client, "t-exhaust").get("startTime")
+            and status(client, "t-exhaust")["attempt"] == 2
+            and status(client, "t-exhaust").get("phase") == "Running"
+        ),
+        TIMEOUT,
+        what="attempt 2 running",
+    )
+    controller.fail(NAMESPACE, "t-exhaust-a2", exit_code=21, message={"reason": "Preempted", "message": "SIGTERM"})
+    st = wait_phase(client, "t-exhaust", "Failed", 10)
+    assert condition(st, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert st["restarts"] == 1
+    time.sleep(1.0)
+    assert "t-exhaust-a3" not in job_names(client, "t-exhaust")
+
+
+def test_suspend_then_resume_from_checkpoint(operator: OperatorHandle, client: Client) -> None:
+    create(client, job_manifest("t-suspend"))
+    wait_phase(client, "t-suspend", "Running")
+    client.patch(*FTJ, NAMESPACE, "t-suspend", {"spec": {"runPolicy": {"suspend": True}}})
+    st = wait_phase(client, "t-suspend", "Suspended")
+    assert condition(st, "Suspended")["reason"] == "SuspendedByUser"
+    wait_for(lambda: client.get("batch/v1", "jobs", NAMESPACE, "t-suspend-a1")["spec"]["suspend"] is True, TIMEOUT)
+    wait_for(
+        lambda: not [p for p in client.pods(NAMESPACE) if p["metadata"]["name"].startswith("t-suspend")],
+        TIMEOUT,
+        what="pods stopped",
+    )
+    client.patch(*FTJ, NAMESPACE, "t-suspend", {"spec": {"runPolicy": {"suspend": False}}})
+    wait_for(lambda: job_names(client, "t-suspend") == ["t-suspend-a2"], TIMEOUT, what="resumed as attempt 2")
+    st = wait_phase(client, "t-suspend", "Running")
+    assert st["restarts"] == 0
+    assert condition(st, "Suspended")["status"] == "False"
+
+
+def test_kueue_queued_job_is_followed(operator: OperatorHandle, client: Client) -> None:
+    manifest = job_manifest("t-kueue")
+    manifest["spec"]["queueName"] = "team-a"
+    create(client, manifest)
+    wait_for(lambda: job_names(client, "t-kueue"), TIMEOUT)
+    job = client.get("batch/v1", "jobs", NAMESPACE, "t-kueue-a1")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    wait_for(lambda: condition(status(client, "t-kueue"), "Created")["reason"] == "Queued", TIMEOUT)
+    time.sleep(1.0)
+    assert client.get("batch/v1", "jobs", NAMESPACE, "t-kueue-a1")["spec"]["suspend"] is True, "not fought"
+    client.patch("batch/v1", "jobs", NAMESPACE, "t-kueue-a1", {"spec": {"suspend": False}})  # Kueue admits
+    wait_phase(client, "t-kueue", "Running")
+
+
+def test_deletion_cascades_and_nothing_is_recreated(
+    operator: OperatorHandle, client: Client, cluster: EmulatorServer
+) -> None:
+    create(client, job_manifest("t-delete"))
+    wait_phase(client, "t-delete", "Running")
+    client.delete(*FTJ, NAMESPACE, "t-delete")
+    wait_for(lambda: client.ftj(NAMESPACE, "t-delete") is None, TIMEOUT, what="FineTuneJob gone")
+    wait_for(lambda: not job_names(client, "t-delete"), TIMEOUT, what="children collected")
+    time.sleep(1.0)
+    assert not job_names(client, "t-delete")
+    assert client.get("v1", "configmaps", NAMESPACE, "t-delete-config") is None
+
+
+def test_ttl_deletes_finished_job(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+    create(client, job_manifest("t-ttl", ttlSecondsAfterFinished=1))
+    wait_phase(client, "t-ttl", "Running")
+    controller.succeed(NAMESPACE, "t-ttl-a1", {"reason": "Succeeded", "exitCode": 0})
+    wait_phase(client, "t-ttl", "Succeeded")
+    wait_for(lambda: client.ftj(NAMESPACE, "t-ttl") is None, TIMEOUT, what="TTL deletion")
+    wait_for(lambda: not job_names(client, "t-ttl"), TIMEOUT, what="children collected")
+
+
+def test_invalid_spec_fails_while_others_keep_reconciling(operator: OperatorHandle, client: Client) -> None:
+    bad = job_manifest("t-invalid")
+    bad["spec"]["resources"]["nodes"] = "two"  # the CRD schema would reject this; assume it was not installed
+    bad_missing = job_manifest("t-invalid2")
+    del bad_missing["spec"]["model"]
+    create(client, bad)
+    create(client, bad_missing)
+    create(client, job_manifest("t-valid"))
+    st = wait_phase(client, "t-invalid", "Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.resources.nodes" in failed["message"]
+    assert "spec.model" in condition(wait_phase(client, "t-invalid2", "Failed"), "Failed")["message"]
+    assert ("InvalidSpec", failed["message"]) in events(client, "t-invalid")
+    wait_phase(client, "t-valid", "Running")
+    assert not job_names(client, "t-invalid")
+
+
+def test_api_errors_are_retried(operator: OperatorHandle, client: Client, cluster: EmulatorServer) -> None:
+    errors_before = operator.metrics.reconcile_errors._value.get()
+    cluster.emulator.fail_next.append(
+        (
+            lambda call: call.resource == "jobs" and call.verb == "create" and not call.agent.startswith("kubetune-t"),
+            500,
+        )
+    )
+    create(client, job_manifest("t-apierror"))
+    wait_phase(client, "t-apierror", "Running")
+    assert operator.metrics.reconcile_errors._value.get() > errors_before
+    assert job_names(client, "t-apierror") == ["t-apierror-a1"]
+
+
+@pytest.fixture
+def trainer_metrics() -> Iterator[tuple[str, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(registry))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", registry
+    server.shutdown()
+    server.server_close()
+
+
+def test_progress_from_a_real_metrics_endpoint(
+    operator: OperatorHandle,
+    client: Client,
+    routes: MetricsRoutes,
+    trainer_metrics: tuple[str, CollectorRegistry],
+) -> None:
+    url, registry = trainer_metrics
+    step = Gauge("kubetune_trainer_step", "step", registry=registry)
+    step.set(40)
+    Gauge("kubetune_trainer_total_steps", "total", registry=registry).set(400)
+    Gauge("kubetune_trainer_epoch", "epoch", registry=registry).set(0.3)
+    Gauge("kubetune_trainer_loss", "loss", ["component"], registry=registry).labels("total").set(0.52)
+    Gauge("kubetune_trainer_tokens_per_second", "tps", registry=registry).set(1234.5)
+    Gauge("kubetune_trainer_eta_seconds", "eta", registry=registry).set(600)
+    Gauge("kubetune_trainer_checkpoint_step", "c", registry=registry).set(25)
+    Gauge("kubetune_trainer_checkpoint_timestamp_seconds", "t", registry=registry).set(time.time())
+    routes.routes["t-progress"] = url
+    create(client, job_manifest("t-progress"))
+    wait_phase(client, "t-progress", "Running")
+    wait_for(lambda: (status(client, "t-progress").get("progress") or {}).get("step") == 40, TIMEOUT, what="progress")
+    st = status(client, "t-progress")
+    assert st["progress"]["totalSteps"] == 400
+    assert st["progress"]["loss"] == 0.52
+    assert st["progress"]["tokensPerSecond"] == 1234.5
+    eta = datetime.fromisoformat(st["progress"]["eta"].replace("Z", "+00:00"))
+    assert 500 < (eta - datetime.now(UTC)).total_seconds() < 700
+    assert st["checkpoint"]["step"] == 25
+    assert st["checkpoint"]["uri"] == "s3://ckpt/ml/reviews-lora/checkpoints/step-00000025"
+    step.set(41)
+    wait_for(lambda: status(client, "t-progress")["progress"]["step"] == 41, TIMEOUT, what="progress moves")
+    routes.routes["t-progress"] = "http://127.0.0.1:9/metrics"  # unreachable: the phase must not change
+    time.sleep(1.5)
+    assert status(client, "t-progress")["phase"] == "Running"
+    assert status(client, "t-progress")["progress"]["step"] == 41
+
+
+def test_operator_metrics_and_health(operator: OperatorHandle, client: Client) -> None:
+    wait_phase(client, "t-create", "Running")
+    port = operator.context.settings.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'kubetune_operator_jobs{phase="Running"}' in text
+    assert "kubetune_operator_reconcile_seconds_bucket" in text
+    assert "kubetune_operator_restarts_total" in text
+    assert "kubetune_operator_time_to_running_seconds_count" in text
+    running = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('kubetune_operator_jobs{phase="Running"}')
+    )
+    assert running >= 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.status == 200
+    health = operator.context.settings.health_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=5) as response:
+        assert response.status == 200
