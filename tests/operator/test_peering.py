@@ -1,0 +1,57 @@
+"""Two operator replicas with kopf peering against one API: only the leader acts."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import kopf
+
+from kubetune_operator.main import OperatorHandle, start_in_thread
+from tests.operator.conftest import FTJ, NAMESPACE, fast_settings, job_manifest
+from tests.support.kube import EmulatorServer, JobController, wait_for
+
+TIMEOUT = 40.0
+
+
+def reconciles(handle: OperatorHandle) -> float:
+    return handle.metrics.registry.get_sample_value("kubetune_operator_reconcile_seconds_count") or 0.0
+
+
+def test_two_replicas_only_the_leader_acts_and_the_other_takes_over(
+    cluster: EmulatorServer, controller: JobController
+) -> None:
+    client = cluster.client()
+    connection = kopf.ConnectionInfo(server=cluster.url)
+    leader = start_in_thread(fast_settings(peering_priority=200), connection=connection, identity="replica-a")
+    standby = start_in_thread(fast_settings(peering_priority=100), connection=connection, identity="replica-b")
+    try:
+        leader.wait_ready(60)
+        standby.wait_ready(60)
+        names = [f"peer-{i}" for i in range(5)]
+        for name in names:
+            client.create(*FTJ, NAMESPACE, job_manifest(name))
+
+        def running(name: str) -> bool:
+            return ((client.ftj(NAMESPACE, name) or {}).get("status") or {}).get("phase") == "Running"
+
+        wait_for(lambda: all(running(n) for n in names), TIMEOUT, what="all running")
+        creates = Counter(
+            c.resource
+            for c in cluster.emulator.calls
+            if c.verb == "create"
+            and c.resource in ("jobs", "configmaps", "services")
+            and c.agent == "kubetune-operator"
+        )
+        assert creates == {"jobs": 5, "configmaps": 5, "services": 5}, "no duplicate creates"
+        assert reconciles(leader) > 0
+        assert reconciles(standby) == 0, "the standby replica never acted"
+        peering = client.get("kopf.dev/v1", "clusterkopfpeerings", None, "kubetune")
+        assert {"replica-a", "replica-b"} <= set(peering.get("status") or {})
+
+        leader.stop()  # graceful exit removes it from the peering object
+        client.create(*FTJ, NAMESPACE, job_manifest("peer-late"))
+        wait_for(lambda: running("peer-late"), TIMEOUT, what="standby took over")
+        assert reconciles(standby) > 0
+    finally:
+        leader.stop()
+        standby.stop()
