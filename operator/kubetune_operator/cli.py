@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -80,6 +81,8 @@ def run(
     if job is None:
         raise typer.Exit(code=1)
     options = RunOptions(nodes=nodes, processes_per_node=processes_per_node, storage=storage)
+    # SIGTERM (a terminal closing, a CI timeout) stops the pods like Ctrl-C: checkpoint, then exit.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     raise typer.Exit(code=run_job(job, options, _out))
 
 

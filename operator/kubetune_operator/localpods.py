@@ -41,6 +41,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def local_base_env(total_processes: int) -> dict[str, str]:
+    """The environment local pods inherit: this process's, plus what a shared machine needs.
+
+    Ranks share this machine's cores, so each gets its share of threads.  The image
+    ships DeepSpeed's compiled ops; here they are JIT-built once into torch's per-user cache
+    that outlives the pods (the pod's ``HOME`` is a fresh scratch directory each time).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, total_processes))))
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))  # torch's own default location
+    return env
+
+
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes ``$(VAR)`` expansion: defined variables are replaced, ``$$`` escapes ``$``,
     undefined references stay as written.  No shell is involved."""

@@ -10,7 +10,6 @@ running the same command again resumes from it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.error
@@ -26,7 +25,14 @@ from rich.table import Table
 
 from kubetune_operator import names
 from kubetune_operator.builders import desired_children
-from kubetune_operator.localpods import LocalLayout, LocalPod, free_port, materialize_volumes, plan_pod
+from kubetune_operator.localpods import (
+    LocalLayout,
+    LocalPod,
+    free_port,
+    local_base_env,
+    materialize_volumes,
+    plan_pod,
+)
 from kubetune_operator.progress import parse_progress
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
@@ -126,11 +132,8 @@ class LocalRun:
         self.console.print(f"logs: {layout.root}/*.log", markup=False)
 
     def _base_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        total = self.job.spec.resources.nodes * self.job.spec.resources.processes_per_node
-        # Ranks share this machine's cores; without a cap each would start one thread per core.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // total)))
-        return env
+        resources = self.job.spec.resources
+        return local_base_env(resources.nodes * resources.processes_per_node)
 
     def follow(self) -> int:
         """Show progress until every pod exits; the run's exit code."""
@@ -138,7 +141,7 @@ class LocalRun:
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed:.0f}/{task.total:.0f} steps"),
+            TextColumn("{task.fields[steps]} steps"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[rate]} samples/s"),
             TextColumn("ETA {task.fields[eta]}"),
@@ -146,7 +149,7 @@ class LocalRun:
             console=self.console,
             transient=False,
         ) as bar:
-            task = bar.add_task(self.job.metadata.name, total=None, loss="-", rate="-", eta="-")
+            task = bar.add_task(self.job.metadata.name, total=None, steps="-", loss="-", rate="-", eta="-")
             while True:
                 codes = [pod.exit_code for pod in self.pods]
                 failed = [pod for pod, code in zip(self.pods, codes, strict=True) if code not in (None, 0)]
@@ -161,6 +164,7 @@ class LocalRun:
                         task,
                         total=progress.get("totalSteps"),
                         completed=progress.get("step", 0),
+                        steps=f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
                         loss=f"{progress['loss']:.4f}" if "loss" in progress else "-",
                         rate=str(progress.get("samplesPerSecond", "-")),
                         eta=str(progress.get("eta", "-"))[11:19] or "-",

@@ -17,7 +17,6 @@ that ``status.podIP`` plus the pod's ``metrics`` port reach the trainer.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import signal
 import threading
@@ -34,6 +33,7 @@ from kubetune_operator.localpods import (
     LocalLayout,
     LocalPod,
     free_port,
+    local_base_env,
     materialize_volumes,
     plan_pod,
 )
@@ -75,7 +75,7 @@ class ProcessKubelet:
         self.api = api.rstrip("/")
         self.namespace = namespace
         self.root = root
-        self.base_env = dict(base_env if base_env is not None else os.environ)
+        self.base_env = dict(base_env if base_env is not None else local_base_env(2))
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
         self.jobs: dict[str, RunningJob] = {}

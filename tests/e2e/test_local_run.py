@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,26 @@ def _newest_pod_logs(storage: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(newest.glob("*.log")))
 
 
-def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
+@pytest.fixture
+def runs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Started `kubetune run` processes; any still running at the end are stopped (SIGTERM
+    stops their pods like Ctrl-C does)."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path, runs: list[subprocess.Popen[str]]) -> None:
     job = _job(tmp_path, max_steps=60, every=4)
     storage = tmp_path / "runs"
     first = _run(job, storage)
+    runs.append(first)
     deadline = time.monotonic() + 300
     while _latest(storage) is None:
         assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.communicate()[0]}"
@@ -97,6 +114,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path) -> None:
     assert manifest["step"] == step
 
     second = _run(job, storage)
+    runs.append(second)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     new_logs = _newest_pod_logs(storage)
