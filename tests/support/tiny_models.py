@@ -29,24 +29,75 @@ TAGS = ["O", "B-PER", "B-LOC"]
 
 def write_tokenizer(directory: Path) -> None:
     """Save a BERT WordPiece tokenizer over the tiny vocabulary into ``directory``."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + WORDS + PIECES + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocabulary())}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
+
+
+def vocabulary() -> list[str]:
+    """The tiny WordPiece vocabulary in id order (special tokens first, no duplicates)."""
+    return list(dict.fromkeys(SPECIAL + WORDS + PIECES + list("abcdefghijklmnopqrstuvwxyz")))
 
 
 def vocab_size() -> int:
     """Number of entries in the tiny vocabulary."""
-    return len(SPECIAL) + len(WORDS) + len(PIECES) + 26
+    return len(vocabulary())
 
 
-def tiny_bert(directory: Path, *, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT with its masked-LM head, saved with its tokenizer."""
+def _pretrain(model: object, tokenizer: object, *, steps: int, seed: int) -> None:
+    """A short "pre-training" of the encoder so that its features mean something.
+
+    A randomly initialized encoder carries no information a frozen-backbone
+    method (LoRA, IA3, prompts) could adapt in 20 steps; real checkpoints do.
+    Joint objectives on the synthetic data (sentence polarity from [CLS], word
+    classes per token, masked-LM) give the tiny encoder comparable features;
+    the temporary heads are thrown away, only the encoder and MLM head are saved.
+    """
     import torch
-    from transformers import BertConfig, BertForMaskedLM
+
+    hidden = model.config.hidden_size  # type: ignore[attr-defined]
+    sentence_head = torch.nn.Linear(hidden, 2)
+    token_head = torch.nn.Linear(hidden, len(TAGS))
+    params = [*model.parameters(), *sentence_head.parameters(), *token_head.parameters()]  # type: ignore[attr-defined]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    sentences = sentiment_rows(steps * 16, seed=seed + 100)
+    ner = ner_rows(steps * 16, seed=seed + 200)
+    for step in range(steps):
+        rows = sentences[step * 16 : (step + 1) * 16]
+        enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")  # type: ignore[operator]
+        out = model(**enc, output_hidden_states=True)  # type: ignore[operator]
+        polarity = torch.tensor([1 if r["label"] == "positive" else 0 for r in rows])
+        loss = torch.nn.functional.cross_entropy(sentence_head(out.hidden_states[-1][:, 0]), polarity)
+        tagged = ner[step * 16 : (step + 1) * 16]
+        enc = tokenizer([r["tokens"] for r in tagged], is_split_into_words=True, padding=True, return_tensors="pt")  # type: ignore[operator]
+        targets = torch.full(enc["input_ids"].shape, -100)
+        for row, r in enumerate(tagged):
+            for position, word in enumerate(enc.word_ids(row)):
+                if word is not None:
+                    targets[row, position] = TAGS.index(r["tags"][word])  # type: ignore[index]
+        labels = enc["input_ids"].clone()
+        masked = enc["input_ids"].clone()
+        pick = (torch.rand(masked.shape) < 0.15) & (enc["attention_mask"] == 1)
+        masked[pick] = tokenizer.mask_token_id  # type: ignore[attr-defined]
+        labels[~pick] = -100
+        out = model(input_ids=masked, attention_mask=enc["attention_mask"], labels=labels, output_hidden_states=True)  # type: ignore[operator]
+        token_logits = token_head(out.hidden_states[-1])
+        loss = (
+            loss
+            + out.loss
+            + torch.nn.functional.cross_entropy(token_logits.reshape(-1, len(TAGS)), targets.reshape(-1))
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def tiny_bert(directory: Path, *, seed: int = 0, pretrain_steps: int = 40) -> Path:
+    """A 2-layer, 32-wide BERT with its masked-LM head, briefly pre-trained, saved with its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -58,8 +109,12 @@ def tiny_bert(directory: Path, *, seed: int = 0) -> Path:
         max_position_embeddings=128,
         pad_token_id=0,
     )
-    BertForMaskedLM(config).save_pretrained(directory)
+    model = BertForMaskedLM(config)
     write_tokenizer(directory)
+    if pretrain_steps:
+        torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
+        _pretrain(model, AutoTokenizer.from_pretrained(directory), steps=pretrain_steps, seed=seed)
+    model.save_pretrained(directory)
     return directory
 
 

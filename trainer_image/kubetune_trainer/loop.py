@@ -687,8 +687,8 @@ def run(job: FineTuneJob) -> ExitCode:
         extra: dict[str, Any] = {"step": progress.step, "evaluation": evaluation_doc}
         if output_uri:
             extra["output"] = {"uri": output_uri}
-        if spec.checkpoint.uri and progress.last_checkpoint_step is not None:
-            extra["checkpoint"] = {"uri": spec.checkpoint.uri, "step": progress.last_checkpoint_step}
+        if manager is not None and manager.committed_step is not None:
+            extra["checkpoint"] = {"uri": spec.checkpoint.uri, "step": manager.committed_step}
         write_termination(
             "Succeeded", f"trained {progress.step} steps; published to {output_uri}", 0, overwrite=True, **extra
         )

@@ -59,7 +59,7 @@ class TrainerMetrics:
         self.checkpoint_step = Gauge(
             "kubetune_trainer_checkpoint_step", "Step of the last committed checkpoint.", registry=r
         )
-        self.checkpoint_timestamp = Gauge(
+        self.checkpoint_timestamp_seconds = Gauge(
             "kubetune_trainer_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint.", registry=r
         )
         self.checkpoint_fallbacks_total = Counter(

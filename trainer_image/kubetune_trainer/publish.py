@@ -67,9 +67,36 @@ def save_local(
     else:
         state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
         if rank == 0:
+            if prepared.publish_as == "remote-code":
+                _add_remote_code(model, directory)
             model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     if rank == 0:
         tokenizer.save_pretrained(str(directory))
+
+
+REMOTE_CODE_MODULE = "kubetune_bottleneck"
+AUTO_CLASS_OF_HEAD = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForMaskedLM": "AutoModelForMaskedLM",
+    "LMHeadModel": "AutoModelForCausalLM",
+    "ForCausalLM": "AutoModelForCausalLM",
+}
+
+
+def _add_remote_code(model: Any, directory: Path) -> None:
+    """Write the self-contained adapter modeling file and point ``auto_map`` at it (bottleneck adapters)."""
+    from kubetune_trainer.strategies import adapter_modeling
+
+    base = type(model)
+    auto = next((a for suffix, a in AUTO_CLASS_OF_HEAD.items() if base.__name__.endswith(suffix)), None)
+    if auto is None:
+        raise ValueError(f"no Auto class known for {base.__name__}")
+    name = f"{base.__name__}WithBottleneckAdapters"
+    source = Path(adapter_modeling.__file__).read_text()
+    source += f"\n\nimport transformers  # noqa: E402\n\n{name} = with_adapters(transformers.{base.__name__})\n"
+    (directory / f"{REMOTE_CODE_MODULE}.py").write_text(source)
+    model.config.auto_map = {auto: f"{REMOTE_CODE_MODULE}.{name}"}
 
 
 def write_metrics_file(directory: Path, document: dict[str, Any]) -> None:

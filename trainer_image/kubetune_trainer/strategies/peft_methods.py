@@ -118,10 +118,24 @@ def apply_peft(model: Any, peft_config: Any, *, name: str) -> Any:
         raise InvalidModel(f"strategy {name}: cannot apply to this model ({exc})") from exc
 
 
+def _check_prefix_support(model: Any) -> None:
+    # PEFT only finds out at the first forward (a ValueError mid-run); the
+    # same check up front makes it a permanent, named model error.
+    import inspect
+
+    if "past_key_values" not in inspect.signature(model.forward).parameters:
+        raise InvalidModel(
+            f"strategy prefix: {type(model).__name__} takes no past_key_values, which prefix tuning needs; "
+            "use lora or prompt, or a decoder backbone"
+        )
+
+
 def make(builder: Any, name: str) -> Any:
     """A strategy ``apply`` function for one PEFT method."""
 
     def apply(model: Any, settings: Any, ctx: StrategyContext) -> Prepared:
+        if name == "prefix":
+            _check_prefix_support(model)
         wrapped = apply_peft(model, builder(settings, ctx), name=name)
         virtual = getattr(settings, "num_virtual_tokens", 0) if name == "prompt" else 0
         # Prompt tuning prepends its virtual tokens to the sequence, so causal-LM

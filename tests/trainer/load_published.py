@@ -1,0 +1,62 @@
+"""Load published kubetune outputs with plain transformers/peft and recompute evaluation logits.
+
+Run in a fresh interpreter (``python -I``) by the strategy matrix test.  kubetune
+is made unimportable first, so a published model that needed our code to load
+would fail here.  Input (argv[1]): JSON list of
+``{"name", "output", "base", "task", "num_labels", "sample"}``; prints one JSON
+object ``{name: {"max_abs_diff": float, "published_as": str} | {"error": str}}``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+for blocked in ("kubetune_trainer", "kubetune_operator"):
+    sys.modules[blocked] = None  # type: ignore[assignment]  # any import of kubetune now fails
+
+import torch  # noqa: E402 (kubetune is blocked before anything is imported)
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+AUTO = {
+    "sequence-classification": transformers.AutoModelForSequenceClassification,
+    "token-classification": transformers.AutoModelForTokenClassification,
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "masked-lm": transformers.AutoModelForMaskedLM,
+}
+
+
+def load(entry):
+    info = json.loads(Path(entry["output"], "kubetune-metrics.json").read_text())
+    auto = AUTO[entry["task"]]
+    kwargs = {"num_labels": entry["num_labels"]} if entry["num_labels"] else {}
+    if info["publishedAs"] == "peft":
+        from peft import PeftModel
+
+        base = auto.from_pretrained(entry["base"], **kwargs)
+        model = PeftModel.from_pretrained(base, entry["output"])
+    elif info["publishedAs"] == "remote-code":  # bottleneck adapters: the modeling file ships with the weights
+        model = auto.from_pretrained(entry["output"], trust_remote_code=True)
+    else:
+        model = auto.from_pretrained(entry["output"])
+    return model.eval(), info["publishedAs"]
+
+
+def main():
+    results = {}
+    for entry in json.loads(Path(sys.argv[1]).read_text()):
+        try:
+            model, kind = load(entry)
+            sample = load_file(entry["sample"])
+            expected = sample.pop("logits")
+            with torch.no_grad():
+                logits = model(**sample).logits.float()
+            if logits.shape != expected.shape:
+                raise ValueError(f"logits shape {tuple(logits.shape)} != trainer's {tuple(expected.shape)}")
+            results[entry["name"]] = {"max_abs_diff": float((logits - expected).abs().max()), "published_as": kind}
+        except Exception as error:  # reported per entry; the test names the failing one
+            results[entry["name"]] = {"error": f"{type(error).__name__}: {error}"}
+    print(json.dumps(results))
+
+
+main()

@@ -1,0 +1,320 @@
+"""Every strategy × every task it supports, 2 ranks on CPU under our launcher (PEFT-style matrix).
+
+One launch trains every case in turn (``matrix_driver.py``: the imports cost more
+than 20 tiny steps); each case is then checked on its own:
+
+* the run succeeded on both ranks and wrote ``Succeeded`` to its termination log;
+* the training loss fell over the 20 steps;
+* the reported trainable-parameter count matches an independent expectation;
+* frozen parameters are bit-identical to the pretrained ones, trained ones moved;
+* the published output loads with plain transformers/peft in a fresh interpreter
+  where kubetune cannot be imported, and reproduces the trainer's evaluation logits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.spec import STRATEGY_TASKS, StrategyType, Task
+from tests.support.tiny_models import instruction_rows, lm_rows, ner_rows, sentiment_rows, write_jsonl
+from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
+
+STEPS = 20
+LEARNING_RATE = {
+    "full": 1e-2,
+    "partial": 1e-2,
+    "lora": 5e-2,
+    "adalora": 5e-2,
+    "ia3": 1e-1,
+    "adapter": 2e-2,
+    "prefix": 1e-1,
+    "prompt": 1e-1,
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "partial": {"partial": {"trainableLayers": 1}},
+    "lora": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    "adalora": {"adalora": {"initR": 6, "targetR": 4, "deltaT": 2, "tinitRatio": 0.1, "tfinalRatio": 0.2}},
+    "prefix": {"prefix": {"numVirtualTokens": 4}},
+    "prompt": {"prompt": {"numVirtualTokens": 4}},
+    "adapter": {"adapter": {"reductionFactor": 4}},
+}
+TAGS = ["O", "B-PER", "B-LOC"]
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    task: str
+    stage: int
+    variant: str = ""
+
+    @property
+    def id(self) -> str:
+        return "-".join(p for p in (self.strategy, self.task, self.variant, f"zero{self.stage}") if p)
+
+    @property
+    def backbone(self) -> str:
+        # Prefix tuning needs past_key_values, which transformers 5 encoders (BERT) no longer take.
+        return "gpt2" if self.task == Task.CAUSAL_LM or self.strategy == "prefix" else "bert"
+
+
+# PEFT's prefix tuning passes past_key_values to the backbone, and in transformers 5
+# no *ForSequenceClassification / *ForTokenClassification forward takes them: the
+# trainer must refuse those combinations up front with a permanent InvalidModel.
+UNSUPPORTED = {("prefix", Task.SEQUENCE_CLASSIFICATION.value), ("prefix", Task.TOKEN_CLASSIFICATION.value)}
+NOT_IMPLEMENTED: set[str] = set()
+
+ALL_CASES = [
+    Case(strategy.value, task.value, stage)
+    for strategy in StrategyType
+    for task in STRATEGY_TASKS[strategy]
+    for stage in ((2, 3) if strategy in (StrategyType.FULL, StrategyType.LORA) else (2,))
+] + [Case("lora", "causal-lm", 2, "prompt-response")]
+CASES = [c for c in ALL_CASES if c.strategy not in NOT_IMPLEMENTED]
+
+
+def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
+    data = root / "data"
+    model: dict[str, Any] = {"source": f"file://{backbones[case.backbone]}", "task": case.task}
+    dataset: dict[str, Any] = {"maxLength": 32}
+    if case.task == Task.SEQUENCE_CLASSIFICATION:
+        model["labels"] = ["negative", "positive"]
+        dataset |= {"train": str(data / "sentiment-train.jsonl"), "validation": str(data / "sentiment-val.jsonl")}
+    elif case.task == Task.TOKEN_CLASSIFICATION:
+        model["labels"] = TAGS
+        dataset |= {
+            "train": str(data / "ner-train.jsonl"),
+            "validation": str(data / "ner-val.jsonl"),
+            "textField": "tokens",
+            "labelField": "tags",
+        }
+    elif case.variant == "prompt-response":
+        dataset |= {
+            "train": str(data / "instructions-train.jsonl"),
+            "validation": str(data / "instructions-val.jsonl"),
+            "promptField": "prompt",
+            "responseField": "response",
+        }
+    else:
+        dataset |= {"train": str(data / "lm-train.jsonl"), "validation": str(data / "lm-val.jsonl")}
+    return {
+        "model": model,
+        "dataset": dataset,
+        "strategy": {"type": case.strategy, **SETTINGS.get(case.strategy, {})},
+        "objective": {"regularization": {"weightDecay": 0.0}},
+        "training": {
+            "maxSteps": STEPS,
+            # The pretrained MLM head already fits; moving its loss in 20 steps takes a bolder step.
+            "learningRate": LEARNING_RATE[case.strategy] * (2 if case.task == Task.MASKED_LM else 1),
+            "scheduler": "constant",
+            "microBatchSize": 8,
+            "precision": "fp32",
+            "logEverySteps": 1,
+            "seed": 7,
+        },
+        "deepspeed": {"zeroStage": case.stage},
+        "output": {"uri": f"file://{root / case.id / 'output'}"},
+        # ZeRO-3 LoRA runs also checkpoint: DeepSpeed's own consolidation of that checkpoint is the
+        # independent reference for the published adapter (test_zero3_lora_adapter_equals_gathered_weights).
+        **(
+            {"checkpoint": {"uri": f"file://{root / case.id / 'ckpt'}", "everySteps": STEPS, "asyncUpload": False}}
+            if case.strategy == "lora" and case.stage == 3
+            else {}
+        ),
+    }
+
+
+@dataclass
+class Matrix:
+    root: Path
+    backbones: dict[str, Path]
+    loaded: dict[str, Any]
+    launch_output: str
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory, tiny_backbones: dict[str, Path]) -> Matrix:
+    root = tmp_path_factory.mktemp("matrix")
+    data = root / "data"
+    write_jsonl(data / "sentiment-train.jsonl", sentiment_rows(320, seed=1))
+    write_jsonl(data / "sentiment-val.jsonl", sentiment_rows(48, seed=2))
+    write_jsonl(data / "ner-train.jsonl", ner_rows(320, seed=3))
+    write_jsonl(data / "ner-val.jsonl", ner_rows(48, seed=4))
+    write_jsonl(data / "lm-train.jsonl", lm_rows(320, seed=5))
+    write_jsonl(data / "lm-val.jsonl", lm_rows(48, seed=6))
+    write_jsonl(data / "instructions-train.jsonl", instruction_rows(320, seed=7))
+    write_jsonl(data / "instructions-val.jsonl", instruction_rows(48, seed=8))
+    jobs = []
+    for case in CASES:
+        directory = root / case.id
+        directory.mkdir()
+        config = write_job(directory / "job.json", _spec(case, root, tiny_backbones))
+        jobs.append({"config": str(config), "dir": str(directory)})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    driver = str(REPO / "tests" / "trainer" / "matrix_driver.py")
+    result = launch([driver, str(root / "jobs.json")], env=trainer_env(), timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    entries = []
+    for case in CASES:
+        directory = root / case.id
+        if (directory / "output" / "kubetune-metrics.json").exists():
+            entries.append(
+                {
+                    "name": case.id,
+                    "output": str(directory / "output"),
+                    "base": str(tiny_backbones[case.backbone]),
+                    "task": case.task,
+                    "num_labels": {"sequence-classification": 2, "token-classification": 3}.get(case.task),
+                    "sample": str(directory / "work" / "eval-sample.safetensors"),
+                }
+            )
+    (root / "load.json").write_text(json.dumps(entries))
+    loader = subprocess.run(
+        [PYTHON, "-I", str(REPO / "tests" / "trainer" / "load_published.py"), str(root / "load.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        check=False,
+    )
+    assert loader.returncode == 0, loader.stderr[-4000:]
+    return Matrix(root, tiny_backbones, json.loads(loader.stdout.strip().splitlines()[-1]), result.stderr)
+
+
+def _losses(log: Path) -> list[float]:
+    return [float(m.group(1)) for m in re.finditer(r"^step \d+/\d+ .*? loss ([0-9.eE+-]+|nan)", log.read_text(), re.M)]
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _expected_trainable(case: Case, matrix: Matrix, published: dict[str, Any]) -> int:
+    """The trainable-parameter count each strategy should report, computed without the trainer."""
+    import transformers
+
+    from tests.support.tiny_models import vocab_size
+
+    hidden, layers = 32, 2
+    head = {"sequence-classification": hidden * 2 + 2, "token-classification": hidden * 3 + 3}.get(case.task, 0)
+    if case.strategy == "full":
+        auto = {
+            "sequence-classification": transformers.AutoModelForSequenceClassification,
+            "token-classification": transformers.AutoModelForTokenClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+            "masked-lm": transformers.AutoModelForMaskedLM,
+        }[case.task]
+        kwargs = {"num_labels": head and (2 if case.task == "sequence-classification" else 3)} if head else {}
+        model = auto.from_pretrained(str(matrix.backbones[case.backbone]), **kwargs)
+        return sum(p.numel() for p in model.parameters())
+    if case.strategy == "lora":
+        r = 4
+        if case.backbone == "gpt2":  # c_attn: Conv1D 32 -> 96
+            return layers * r * (hidden + 3 * hidden) + head
+        return layers * 2 * r * (hidden + hidden) + head  # query, value (+ the new head, trained whole)
+    if case.strategy == "partial":
+        if case.backbone == "gpt2":  # c_attn 32->96, c_proj, 2 LayerNorms, MLP 32->128->32; + final LayerNorm
+            block = (hidden * 3 * hidden + 3 * hidden) + (hidden * hidden + hidden) + 2 * (2 * hidden)
+            block += hidden * 128 + 128 + 128 * hidden + hidden
+            return block + 2 * hidden + head  # the lm head is tied to the frozen embeddings
+        block = 4 * (hidden * hidden + hidden) + 2 * (2 * hidden)  # attention q,k,v,o + 2 LayerNorms
+        block += hidden * 64 + 64 + 64 * hidden + hidden  # feed-forward 32 -> 64 -> 32
+        pooler = hidden * hidden + hidden if case.task == "sequence-classification" else 0
+        mlm_head = (hidden * hidden + hidden + 2 * hidden + vocab_size()) if case.task == "masked-lm" else 0
+        return block + pooler + head + mlm_head
+    if case.strategy == "adapter":  # reduction factor 4: 32 -> 8 -> 32 after each block, plus the head
+        return layers * ((hidden * 8 + 8) + (8 * hidden + hidden)) + head
+    # The other PEFT methods: every trainable tensor is what PEFT saves in the adapter.
+    return sum(t.numel() for k, t in published.items() if "ranknum" not in k)
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
+def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
+    if case.strategy in NOT_IMPLEMENTED:
+        pytest.skip(f"strategy {case.strategy} is not implemented in this trainer build")
+    matrix: Matrix = request.getfixturevalue("matrix")
+    directory = matrix.root / case.id
+    termination = json.loads((directory / "termination.json").read_text())
+    if (case.strategy, case.task) in UNSUPPORTED:
+        assert termination["reason"] == "InvalidModel", termination
+        assert termination["exitCode"] == 12, termination
+        assert "past_key_values" in termination["message"]
+        assert (directory / "exit-0").read_text() == "12"
+        assert (directory / "exit-1").read_text() == "12"
+        return
+    assert termination["reason"] == "Succeeded", (termination, (directory / "train.log").read_text()[-3000:])
+    assert (directory / "exit-0").read_text() == "0"
+    assert (directory / "exit-1").read_text() == "0"
+
+    losses = _losses(directory / "train.log")
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
+
+    output = directory / "output"
+    report = json.loads((output / "kubetune-metrics.json").read_text())
+    assert report["evaluation"] == termination["evaluation"]
+    published_file = output / ("adapter_model.safetensors" if report["publishedAs"] == "peft" else "model.safetensors")
+    published = _tensors(published_file)
+    assert published, "empty tensor in the published output"
+    assert all(t.numel() > 0 for t in published.values()), "empty tensor in the published output"
+    assert report["parameters"]["trainable"] == _expected_trainable(case, matrix, published)
+
+    pretrained = _tensors(matrix.backbones[case.backbone] / "model.safetensors")
+    if report["publishedAs"] in ("model", "remote-code"):
+        shared = [k for k in published if k in pretrained]
+        changed = {k for k in shared if not bool((published[k] == pretrained[k]).all())}
+        if case.strategy == "adapter":  # the whole backbone frozen; the adapters (new) moved off their zero init
+            assert shared, sorted(changed)
+            assert not changed, sorted(changed)
+            assert any(bool(t.abs().sum() > 0) for k, t in published.items() if "kubetune_adapter.up" in k)
+        elif case.strategy == "full":
+            assert len(changed) >= len(shared) // 2
+        else:  # partial, one trainable layer: lower layers and embeddings bit-identical, top layer moved
+            lower = [
+                k for k in shared if ".0." in k or "embed" in k or k.startswith(("transformer.wte", "transformer.wpe"))
+            ]
+            assert lower, sorted(changed & set(lower))
+            assert not changed & set(lower), sorted(changed & set(lower))
+            assert any(".1." in k for k in changed)
+
+    loaded = matrix.loaded[case.id]
+    assert "error" not in loaded, loaded
+    assert loaded["max_abs_diff"] < 1e-4, loaded
+
+
+ZERO3_LORA = [c for c in CASES if c.strategy == "lora" and c.stage == 3]
+
+
+@pytest.mark.parametrize("case", ZERO3_LORA, ids=[c.id for c in ZERO3_LORA])
+def test_zero3_lora_adapter_equals_gathered_weights(matrix: Matrix, case: Case) -> None:
+    """Under ZeRO-3 the published LoRA tensors are non-empty and equal DeepSpeed's consolidation of the checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    directory = matrix.root / case.id
+    termination = json.loads((directory / "termination.json").read_text())
+    assert termination["checkpoint"]["step"] == STEPS
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(
+        str(directory / "ckpt" / "checkpoints"), tag=f"step-{STEPS:08d}", exclude_frozen_parameters=True
+    )
+    published = _tensors(directory / "output" / "adapter_model.safetensors")
+    lora = {k: v for k, v in published.items() if "lora_" in k}
+    assert lora, sorted(published)
+    for key, tensor in lora.items():
+        assert tensor.numel() > 0, key
+        # PEFT drops the adapter name from saved keys: ...lora_A.weight <- ...lora_A.default.weight
+        source = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        assert source in consolidated, (key, sorted(consolidated)[:5])
+        assert bool((consolidated[source].float() == tensor.float()).all()), key
+    assert any(bool(t.abs().sum() > 0) for k, t in lora.items() if "lora_B" in k)  # trained off its zero init
