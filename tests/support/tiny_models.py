@@ -95,7 +95,32 @@ def _pretrain(model: object, tokenizer: object, *, steps: int, seed: int) -> Non
 
 
 def tiny_bert(directory: Path, *, seed: int = 0, pretrain_steps: int = 40) -> Path:
-    """A 2-layer, 32-wide BERT with its masked-LM head, briefly pre-trained, saved with its tokenizer."""
+    """A 2-layer, 32-wide BERT with its masked-LM head, briefly pre-trained, saved with its tokenizer.
+
+    The pre-trained checkpoint is deterministic, so it is built once per machine
+    (keyed by this file's content, the seed and the steps) under the temp dir and
+    copied; concurrent builders race harmlessly (atomic rename).
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    key = hashlib.sha256(Path(__file__).read_bytes() + f"{seed}-{pretrain_steps}".encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "kubetune-tiny-models" / f"bert-{key}"
+    if not cache.is_dir():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".build-"))
+        _build_tiny_bert(staging, seed=seed, pretrain_steps=pretrain_steps)
+        try:
+            os.replace(staging, cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(cache, directory, dirs_exist_ok=True)
+    return directory
+
+
+def _build_tiny_bert(directory: Path, *, seed: int, pretrain_steps: int) -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -112,10 +137,13 @@ def tiny_bert(directory: Path, *, seed: int = 0, pretrain_steps: int = 40) -> Pa
     model = BertForMaskedLM(config)
     write_tokenizer(directory)
     if pretrain_steps:
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
-        _pretrain(model, AutoTokenizer.from_pretrained(directory), steps=pretrain_steps, seed=seed)
+        try:
+            _pretrain(model, AutoTokenizer.from_pretrained(directory), steps=pretrain_steps, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
     model.save_pretrained(directory)
-    return directory
 
 
 def tiny_gpt2(directory: Path, *, seed: int = 0) -> Path:
