@@ -50,8 +50,8 @@ def local_base_env(total_processes: int) -> dict[str, str]:
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, total_processes))))
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))  # torch's own default location
+    # The pod's HOME is per pod; XDG_CACHE_HOME keeps torch's extension cache per user.
+    env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     return env
 
 
