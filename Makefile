@@ -30,10 +30,24 @@ system-deps: ## install the Prometheus server and promtool used by the metrics t
 crds: venv ## regenerate crds/ from the API models
 	$(SRC_PATH) $(PY) -m kubetune_operator.crd crds
 
-generate: crds ## regenerate every generated file
+chart: crds ## copy the CRDs into the chart and regenerate dashboards, alert rules and the chart README
+	cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/kubetune.io_finetunejobs.yaml
+	$(SRC_PATH) $(PY) -m kubetune_operator.monitoring
+
+generate: crds chart ## regenerate every generated file
 
 verify: ## fail when a generated file differs from a fresh generation
 	$(SRC_PATH) $(PY) -m kubetune_operator.crd --check crds
+	cmp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/kubetune.io_finetunejobs.yaml || \
+	  { echo "charts/kubetune/crds is stale: run make chart"; exit 1; }
+	$(SRC_PATH) $(PY) -m kubetune_operator.monitoring --check
+
+IMAGE_REGISTRY ?= ghcr.io/kubetune
+IMAGE_TAG ?= 0.1.0
+
+images: ## build the operator and trainer images (needs Docker; not part of CI)
+	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	docker build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .
 
 lint: venv ## ruff, formatting, mypy and the import-layer contracts
 	$(PY) -m ruff check .
@@ -57,4 +71,4 @@ demo: venv $(DEMO_MODEL) ## fine-tune all-MiniLM-L6-v2 with LoRA on 2 local node
 bench: venv ## run the benchmarks and print their JSON
 	@for b in benchmarks/*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
 
-.PHONY: help venv system-deps crds generate verify lint test demo bench
+.PHONY: help venv system-deps crds chart generate verify images lint test demo bench
