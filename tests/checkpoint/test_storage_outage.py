@@ -7,6 +7,8 @@ commits; a restart resumes from that last committed checkpoint.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def test_server_killed_mid_upload_then_next_save_commits_and_restart_resumes(
     )
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, env=tiny.env(FAST_GIVE_UP), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, env=tiny.env(FAST_GIVE_UP), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 240
             while moto_process.proc.poll() is None:  # rank 0 kills it right after the step-20 save began uploading
@@ -65,8 +69,9 @@ def test_server_killed_mid_upload_then_next_save_commits_and_restart_resumes(
             back.touch()
             assert proc.wait(timeout=240) == 0, log_path.read_text()[-5000:]
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # torchrun and its workers: they wait for a file that may never come
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     first = log_path.read_text()
     assert "retrying in" in first  # backoff, then give up on step 20
     assert f"checkpoint {tag(20)} was NOT committed" in first  # noticed by the next save, training went on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -88,8 +89,16 @@ def run(
     """Run the tiny program to completion; AssertionError with its log when it fails and ``check``."""
     out = tmp / name / "out"
     argv = command(nproc, uri=uri, endpoint=endpoint, work=tmp / name / "work", out=out, **options)
-    proc = subprocess.run(argv, env=env(extra_env), capture_output=True, text=True, timeout=timeout, check=False)
-    log = proc.stdout + proc.stderr
+    # A session of its own: on a timeout torchrun and its workers are killed together.
+    proc = subprocess.Popen(
+        argv, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"{name} did not finish in {timeout}s:\n{log[-6000:]}") from None
     (tmp / name).mkdir(parents=True, exist_ok=True)
     (tmp / name / "log.txt").write_text(log)
     if check:

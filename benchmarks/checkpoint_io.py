@@ -1,0 +1,278 @@
+"""Checkpoint I/O benchmark: prints JSON.
+
+1. Throughput: one DeepSpeed ZeRO-2 checkpoint saved and committed through
+   ``CheckpointManager`` (save to local disk, sha256, upload of every file,
+   manifest, LATEST) versus a raw boto3 transfer-manager upload of the same
+   files (same endpoint, same TransferConfig), on moto's S3 server on loopback
+   (a subprocess, so it does not share our GIL) and on ``file://`` (raw = a
+   plain file copy).  ``ratio`` = raw seconds / our upload-phase seconds
+   (throughput relative to raw; target >= 0.8).
+2. Step-time overhead: the same training with no checkpoints, with synchronous
+   and with asynchronous uploads every ``--every`` steps; overhead is relative
+   to the run without checkpoints (target for async: < 10 %).
+
+One process, world size 1 (gloo).  Usage::
+
+    PYTHONPATH=operator:trainer_image python benchmarks/checkpoint_io.py [--params-m 6] [--steps 60] [--every 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bench-key",
+    "AWS_SECRET_ACCESS_KEY": "bench-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """``python -m moto.server`` on a loopback port; yields its endpoint URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **CREDENTIALS},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("moto server did not start")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class Timings:
+    """Duck-typed metrics object: records checkpoint_seconds{phase} observations."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, list[float]] = {}
+        outer = self
+
+        class _Histogram:
+            def labels(self, *, phase: str) -> Any:
+                class _Child:
+                    def observe(self, seconds: float) -> None:
+                        outer.phases.setdefault(phase, []).append(seconds)
+
+                return _Child()
+
+        self.checkpoint_seconds = _Histogram()
+
+
+def build_engine(params_m: float) -> tuple[Any, Any, Any]:
+    """A single-rank DeepSpeed ZeRO-2 engine around an MLP with about ``params_m`` million parameters."""
+    import deepspeed
+    import torch
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend="gloo")
+    width = int((params_m * 1e6 / 2) ** 0.5)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    config = {
+        "train_batch_size": 32,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    inputs = torch.randn(32, width)
+    return engine, inputs, torch.randn(32, width)
+
+
+def train_step(engine: Any, inputs: Any, targets: Any) -> None:
+    import torch
+
+    loss = torch.nn.functional.mse_loss(engine(inputs), targets)
+    engine.backward(loss)
+    engine.step()
+
+
+def throughput(engine: Any, uri: str, endpoint: str | None, work: Path) -> dict[str, Any]:
+    """Save+commit one checkpoint synchronously; then upload the same files raw; compare."""
+    from kubetune_trainer.checkpoint import CheckpointManager
+    from kubetune_trainer.storage import open_store
+
+    store = open_store(uri, endpoint=endpoint)
+    timings = Timings()
+    manager = CheckpointManager(
+        uri, store=store, work_dir=work, keep_last=1, async_upload=False, spec_hash="bench", metrics=timings
+    )
+    # Keep the staged files for the raw upload: copy them aside before the manager deletes them after commit.
+    started = time.monotonic()
+    manager.save(engine, 1, {"step": 1})
+    manager.finish()
+    total = time.monotonic() - started
+    manifest = json.loads(store.get_bytes("checkpoints/step-00000001/MANIFEST.json"))
+    size = int(manifest["totalBytes"])
+    raw_dir = work / "raw"
+    store.download_prefix("checkpoints/step-00000001/", raw_dir)
+    (raw_dir / "MANIFEST.json").unlink()
+    files = sorted(p for p in raw_dir.rglob("*") if p.is_file())
+    raw_seconds = _raw_upload(files, uri, endpoint, work)
+    upload = sum(timings.phases.get("upload", [0.0]))
+    return {
+        "bytes": size,
+        "files": len(files),
+        "save_seconds": round(sum(timings.phases.get("save", [0.0])), 3),
+        "upload_seconds": round(upload, 3),
+        "commit_seconds": round(sum(timings.phases.get("commit", [0.0])), 3),
+        "save_upload_commit_seconds": round(total, 3),
+        "raw_seconds": round(raw_seconds, 3),
+        "upload_MBps": round(size / upload / 1e6, 1),
+        "save_upload_commit_MBps": round(size / total / 1e6, 1),
+        "raw_MBps": round(size / raw_seconds / 1e6, 1),
+        "ratio_upload_vs_raw": round(raw_seconds / upload, 3),
+        "ratio_save_upload_commit_vs_raw": round(raw_seconds / total, 3),
+    }
+
+
+def _raw_upload(files: list[Path], uri: str, endpoint: str | None, work: Path) -> float:
+    """Seconds to upload ``files`` with boto3's transfer manager (S3) or to copy them (file://)."""
+    if uri.startswith("s3://"):
+        import boto3
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+        from botocore.config import Config
+
+        bucket = uri[len("s3://") :].split("/", 1)[0]
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            config=Config(
+                max_pool_connections=16,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=8)
+        started = time.monotonic()
+        with create_transfer_manager(client, config) as manager:
+            futures = [manager.upload(str(f), bucket, f"raw/{f.name}") for f in files]
+            for future in futures:
+                future.result()
+        return time.monotonic() - started
+    target = work / "raw-copy"
+    target.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for f in files:
+        shutil.copyfile(f, target / f.name)
+    return time.monotonic() - started
+
+
+def step_overhead(
+    engine: Any, inputs: Any, targets: Any, uri: str, endpoint: str | None, work: Path, *, steps: int, every: int
+) -> dict[str, Any]:
+    """Mean step time without checkpoints, with sync and with async uploads every ``every`` steps."""
+    from kubetune_trainer.checkpoint import CheckpointManager
+    from kubetune_trainer.storage import open_store
+
+    def run(mode: str) -> float:
+        manager = None
+        if mode != "none":
+            manager = CheckpointManager(
+                f"{uri}/{mode}",
+                store=open_store(f"{uri}/{mode}", endpoint=endpoint),
+                work_dir=work / mode,
+                keep_last=1,
+                async_upload=mode == "async",
+                spec_hash="bench",
+            )
+        for _ in range(3):  # warm-up
+            train_step(engine, inputs, targets)
+        started = time.monotonic()
+        for step in range(1, steps + 1):
+            train_step(engine, inputs, targets)
+            if manager is not None and step % every == 0:
+                manager.save(engine, step, {"step": step})
+        if manager is not None:
+            manager.finish()  # the last upload counts too
+        return (time.monotonic() - started) / steps
+
+    none = run("none")
+    sync = run("sync")
+    async_ = run("async")
+    return {
+        "steps": steps,
+        "checkpoint_every": every,
+        "step_seconds_no_checkpoint": round(none, 4),
+        "step_seconds_sync": round(sync, 4),
+        "step_seconds_async": round(async_, 4),
+        "overhead_sync": round(sync / none - 1, 3),
+        "overhead_async": round(async_ / none - 1, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params-m", type=float, default=6.0, help="model size in millions of parameters")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.update({k: os.environ.get(k, v) for k, v in CREDENTIALS.items()})
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.set_num_threads(1)
+    engine, inputs, targets = build_engine(args.params_m)
+    params = sum(p.numel() for p in engine.module.parameters())
+    report: dict[str, Any] = {"parameters": params, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+        work = Path(tmp)
+        with moto_server() as endpoint:
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            report["s3_moto_loopback"] = throughput(engine, "s3://bench/ckpt", endpoint, work / "s3")
+            report["step_overhead_s3_moto_loopback"] = step_overhead(
+                engine,
+                inputs,
+                targets,
+                "s3://bench/steps",
+                endpoint,
+                work / "s3-steps",
+                steps=args.steps,
+                every=args.every,
+            )
+        report["file"] = throughput(engine, (work / "store").as_uri(), None, work / "file")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
