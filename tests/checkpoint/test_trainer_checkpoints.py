@@ -101,13 +101,12 @@ def trainer_env(tmp: Path) -> dict[str, str]:
     )
 
 
-def start(job: Path, tmp: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start(job: Path, tmp: Path, log: Path) -> subprocess.Popen[bytes]:
     """The pod command (one node, two ranks) in a session of its own, output to ``log``."""
     argv = [
         sys.executable,
         "-m",
         "kubetune_trainer.launch",
-        *extra,
         "--nnodes=1",
         "--nproc-per-node=2",
         "--node-rank=0",
@@ -188,7 +187,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(s3: S3Endpoint, assets
 def test_sigterm_commits_a_checkpoint_and_exits_preempted(s3: S3Endpoint, assets: Path, tmp_path: Path) -> None:
     job = job_file(tmp_path / "job.json", assets, s3, "run-term", steps=500, every=1000)
     log = tmp_path / "term.log"
-    proc = start(job, tmp_path, log, *os.environ.get("KT_EXTRA_LAUNCH_ARGS", "").split())
+    proc = start(job, tmp_path, log)
     deadline = time.monotonic() + 600
     while max(losses(log.read_text()), default=0) < 3:
         assert proc.poll() is None, log.read_text()[-5000:]
