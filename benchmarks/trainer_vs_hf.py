@@ -426,9 +426,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def compare(strategy: str, data: dict[str, Any], work: Path, systems: list[str]) -> dict[str, Any]:
-    """Both systems for one strategy, tested on the same test split."""
-    results: dict[str, Any] = {}
+def compare(
+    strategy: str,
+    data: dict[str, Any],
+    work: Path,
+    systems: list[str],
+    *,
+    results: dict[str, Any] | None = None,
+    on_result: Any = None,
+) -> dict[str, Any]:
+    """Both systems for one strategy, tested on the same test split (filling ``results`` as they finish)."""
+    results = {} if results is None else results
     runners = {"hf": run_hf, "kubetune": run_kubetune}
     for system in systems:
         print(f"[bench] {strategy}: running {system} ...", file=sys.stderr, flush=True)
@@ -438,6 +446,8 @@ def compare(strategy: str, data: dict[str, Any], work: Path, systems: list[str])
         brief = json.dumps(result, default=str)[:400]
         print(f"[bench] {strategy}: {system} done: {brief}", file=sys.stderr, flush=True)
         results[system] = result
+        if on_result is not None:
+            on_result()
     hf, kt = results.get("hf", {}), results.get("kubetune", {})
     if hf.get("ok") and kt.get("ok"):
         results["ratios_kubetune_over_hf"] = {
@@ -529,8 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             "results": {},
         }
         systems = [s for s in args.systems.split(",") if s]
+
+        def save_partial() -> None:
+            if args.out:  # partial results survive an interrupted run
+                Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
         for strategy in [s for s in args.strategies.split(",") if s]:
-            report["results"][strategy] = compare(strategy, data, work, systems)
+            report["results"][strategy] = {}
+            compare(strategy, data, work, systems, results=report["results"][strategy], on_result=save_partial)
         if args.probe_hf_deepspeed:
             quick = prepare_data(work / "probe-data", quick=True)
             report["hf_deepspeed_probe"] = probe_hf_deepspeed(quick, work)

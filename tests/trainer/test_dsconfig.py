@@ -145,6 +145,7 @@ def test_batch_triple_and_core_mapping() -> None:
     assert params["lr"] == 3e-5
     assert params["weight_decay"] == 0.01
     assert params["torch_adam"] is True  # CPU: torch's AdamW instead of the compiled FusedAdam
+    assert params["fused"] is True  # ... with its fused CPU kernel
     assert config["steps_per_print"] >= 10**9
     assert config["wall_clock_breakdown"] is False
 
@@ -400,6 +401,7 @@ for name, spec_json in json.load(sys.stdin).items():
         losses.append(loss.item())
     out[name] = {
         "optimizer": type(engine.optimizer).__name__,
+        "fused": bool(getattr(getattr(engine.optimizer, "optimizer", engine.optimizer), "defaults", {}).get("fused")),
         "weight_decay": sorted(g["weight_decay"] for g in optimizer.param_groups),
         "first": losses[0],
         "last": losses[-1],
@@ -439,4 +441,6 @@ def test_real_engines_train_with_generated_configs() -> None:
         # Two groups reached the optimizer: decayed weights and exempt biases/norms.
         assert r["weight_decay"] == [0.0, 0.01], (name, r)
     assert results["stage0"]["optimizer"] == "AdamW"
+    assert results["stage0"]["fused"] is True
+    assert results["stage2"]["fused"] is True  # the torch optimizer inside ZeRO's wrapper
     assert results["stage3-offload"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"

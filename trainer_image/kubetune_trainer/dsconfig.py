@@ -16,7 +16,8 @@ Things DeepSpeed does that the mapping works around (see the scheduler code):
   starts at the peak learning rate (see :func:`_scheduler`).
 * On CPU, DeepSpeed's ``AdamW`` type means ``FusedAdam``, a C++ op compiled
   at start-up; ``torch_adam: true`` selects ``torch.optim.AdamW`` instead
-  (same update rule).  With ZeRO-Offload DeepSpeed insists on its own
+  (same update rule), and ``fused: true`` (passed through to torch) its
+  fused CPU kernel.  With ZeRO-Offload DeepSpeed insists on its own
   ``DeepSpeedCPUAdam``, so ``torch_adam`` is not set then.
 """
 
@@ -232,7 +233,11 @@ def build_deepspeed_config(spec: FineTuneJobSpec, *, world_size: int, cpu: bool,
         "weight_decay": spec.objective.regularization.weight_decay,
     }
     if cpu and spec.deepspeed.offload_optimizer != "cpu":
+        # torch's AdamW, fused: on CPU torch defaults to the per-tensor
+        # for-loop implementation, which took a quarter of each step for
+        # MiniLM (py-spy); the fused CPU kernel is ~5x faster.
         optimizer_params["torch_adam"] = True
+        optimizer_params["fused"] = True
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
