@@ -61,13 +61,13 @@ class Case:
 
     @property
     def backbone(self) -> str:
-        # Prefix tuning needs past_key_values, which transformers 5 encoders (BERT) no longer take.
-        return "gpt2" if self.task == Task.CAUSAL_LM or self.strategy == "prefix" else "bert"
+        return "gpt2" if self.task == Task.CAUSAL_LM else "bert"
 
 
-# PEFT's prefix tuning passes past_key_values to the backbone, and in transformers 5
-# no *ForSequenceClassification / *ForTokenClassification forward takes them: the
-# trainer must refuse those combinations up front with a permanent InvalidModel.
+# PEFT's classification wrappers pass the prefix as past_key_values to the model or
+# its backbone, and no transformers 5 model forward (BERT, GPT-2, Llama) names that
+# argument any more: the trainer must refuse these combinations up front with a
+# permanent InvalidModel (the spec still allows them: a spec change is proposed).
 UNSUPPORTED = {("prefix", Task.SEQUENCE_CLASSIFICATION.value), ("prefix", Task.TOKEN_CLASSIFICATION.value)}
 NOT_IMPLEMENTED: set[str] = set()
 
@@ -76,7 +76,20 @@ ALL_CASES = [
     for strategy in StrategyType
     for task in STRATEGY_TASKS[strategy]
     for stage in ((2, 3) if strategy in (StrategyType.FULL, StrategyType.LORA) else (2,))
-] + [Case("lora", "causal-lm", 2, "prompt-response")]
+] + [
+    Case("lora", "causal-lm", 2, "prompt-response"),
+    # The regularized objective end to end: L = CE(smoothed) + λ·MLM + λ·L2-SP, dropout override.
+    Case("full", "sequence-classification", 2, "objective"),
+    Case("lora", "token-classification", 2, "auxiliary"),
+]
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "objective": {
+        "labelSmoothing": 0.1,
+        "auxiliary": {"type": "mlm", "weight": 0.5},
+        "regularization": {"weightDecay": 0.01, "l2sp": 0.01, "dropout": 0.0},
+    },
+    "auxiliary": {"auxiliary": {"type": "mlm", "weight": 0.5}, "regularization": {"weightDecay": 0.0}},
+}
 CASES = [c for c in ALL_CASES if c.strategy not in NOT_IMPLEMENTED]
 
 
@@ -108,7 +121,7 @@ def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
         "model": model,
         "dataset": dataset,
         "strategy": {"type": case.strategy, **SETTINGS.get(case.strategy, {})},
-        "objective": {"regularization": {"weightDecay": 0.0}},
+        "objective": OBJECTIVES.get(case.variant, {"regularization": {"weightDecay": 0.0}}),
         "training": {
             "maxSteps": STEPS,
             # The pretrained MLM head already fits; moving its loss in 20 steps takes a bolder step.
@@ -216,7 +229,10 @@ def _expected_trainable(case: Case, matrix: Matrix, published: dict[str, Any]) -
         }[case.task]
         kwargs = {"num_labels": head and (2 if case.task == "sequence-classification" else 3)} if head else {}
         model = auto.from_pretrained(str(matrix.backbones[case.backbone]), **kwargs)
-        return sum(p.numel() for p in model.parameters())
+        # The auxiliary MLM head (trained with full fine-tuning): transform dense + LayerNorm + output bias;
+        # its decoder is tied to the shared word embeddings.
+        aux_head = hidden * hidden + hidden + 2 * hidden + vocab_size() if case.variant == "objective" else 0
+        return sum(p.numel() for p in model.parameters()) + aux_head
     if case.strategy == "lora":
         r = 4
         if case.backbone == "gpt2":  # c_attn: Conv1D 32 -> 96
@@ -256,6 +272,13 @@ def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
     assert (directory / "exit-0").read_text() == "0"
     assert (directory / "exit-1").read_text() == "0"
 
+    if case.variant in OBJECTIVES:  # each component is reported on its own
+        components = re.findall(
+            r"\(task ([0-9.]+) aux ([0-9.]+) l2sp ([0-9.]+)\)", (directory / "train.log").read_text()
+        )
+        assert components
+        assert all(float(aux) > 0 for _, aux, _ in components)
+        assert all(float(l2sp) > 0 for _, _, l2sp in components[1:]) == (case.variant == "objective")
     losses = _losses(directory / "train.log")
     assert len(losses) == STEPS
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"

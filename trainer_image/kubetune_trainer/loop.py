@@ -136,8 +136,6 @@ def _work_dir() -> Path:
 
 
 def _validate_supported(spec: FineTuneJobSpec) -> None:
-    if spec.objective.auxiliary is not None and spec.objective.auxiliary.weight > 0:
-        raise InvalidSpec("objective.auxiliary is not supported by this trainer build yet")
     if spec.strategy.type == StrategyType.ADALORA and spec.deepspeed.zero_stage == 3:
         raise InvalidSpec(
             "strategy.type adalora needs full parameters and gradients on every rank for its budget "
@@ -247,6 +245,26 @@ class Objective:
             return inputs, labels
         return inputs, batch["labels"]
 
+    def auxiliary_inputs(self, batch: dict[str, Any], generator: Any) -> tuple[dict[str, Any], Any]:
+        """Inputs for the auxiliary LM head and their labels (none when there is no auxiliary loss)."""
+        from kubetune_trainer.objective import causal_lm_labels, mask_tokens
+
+        aux = self.spec.objective.auxiliary
+        if aux is None or aux.weight <= 0:
+            return {}, None
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if aux.type == "mlm":
+            masked, labels = mask_tokens(
+                ids,
+                mask_token_id=self.tokenizer.mask_token_id,
+                vocab_size=len(self.tokenizer),
+                special_mask=(mask == 0) | self._special(ids),
+                probability=aux.mask_probability,
+                generator=generator,
+            )
+            return {"aux_input_ids": masked, "aux_attention_mask": mask}, labels
+        return {"aux_input_ids": ids, "aux_attention_mask": mask}, causal_lm_labels(ids, mask)
+
     def _special(self, ids: Any) -> Any:
         import torch
 
@@ -262,16 +280,28 @@ class Objective:
             return shift_for_causal_lm(logits, labels)
         return logits, labels
 
-    def losses(self, model: Any, logits: Any, labels: Any) -> Any:
+    def losses(self, model: Any, logits: Any, labels: Any, aux_logits: Any = None, aux_labels: Any = None) -> Any:
         """The :class:`LossBreakdown` of one micro-batch."""
         import dataclasses
 
-        from kubetune_trainer.objective import combine_losses, l2sp_penalty, task_loss
+        from kubetune_trainer.objective import combine_losses, l2sp_penalty, shift_for_causal_lm, task_loss
 
         logits, labels = self.task_logits_labels(logits, labels)
         task = task_loss(logits, labels, label_smoothing=self.spec.objective.label_smoothing)
         l2sp = l2sp_penalty(model.named_parameters(), self.anchors) if self.anchors else None
-        breakdown = combine_losses(task, l2sp=l2sp, l2sp_weight=self.spec.objective.regularization.l2sp)
+        auxiliary = None
+        aux = self.spec.objective.auxiliary
+        if aux is not None and aux.weight > 0 and aux_logits is not None:
+            if aux.type == "lm":
+                aux_logits, aux_labels = shift_for_causal_lm(aux_logits, aux_labels)
+            auxiliary = task_loss(aux_logits, aux_labels, label_smoothing=0.0)
+        breakdown = combine_losses(
+            task,
+            auxiliary=auxiliary,
+            aux_weight=aux.weight if (aux is not None and auxiliary is not None) else 0.0,
+            l2sp=l2sp,
+            l2sp_weight=self.spec.objective.regularization.l2sp,
+        )
         if self.adalora and self.orth_weight > 0:
             breakdown = dataclasses.replace(breakdown, total=breakdown.total + self.orth_weight * _orth_reg(model))
         return breakdown
@@ -458,6 +488,16 @@ def run(job: FineTuneJob) -> ExitCode:
         ),
     )
     model = prepared.model
+    aux_spec = spec.objective.auxiliary
+    if aux_spec is not None and aux_spec.weight > 0:
+        from kubetune_trainer.auxiliary import attach
+
+        model = attach(
+            model,
+            backbone_dir,
+            aux_spec.type,
+            train_head=spec.strategy.type in (StrategyType.FULL, StrategyType.PARTIAL),
+        )
     trainable, total = count_parameters(model)
     metrics.trainable_parameters.set(trainable)
     metrics.parameters.set(total)
@@ -542,8 +582,11 @@ def run(job: FineTuneJob) -> ExitCode:
             batch = data_mod.collate([train[i] for i in epoch_cache[epoch][index]], pad_id=pad_id, task=spec.model.task)
             generator = torch.Generator().manual_seed(spec.training.seed * 1_000_003 + progress.micro * 101 + dist.rank)
             inputs, target = objective.model_inputs(batch, generator)
-            logits = engine(**inputs).logits
-            breakdown = objective.losses(engine.module, logits, target)
+            aux_inputs, aux_target = objective.auxiliary_inputs(batch, generator)
+            outputs = engine(**inputs, **aux_inputs)
+            breakdown = objective.losses(
+                engine.module, outputs.logits, target, getattr(outputs, "aux_logits", None), aux_target
+            )
             values = breakdown.as_floats()
             flags = torch.tensor(
                 [

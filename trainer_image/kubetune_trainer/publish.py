@@ -45,7 +45,8 @@ def save_local(
     source: str,
 ) -> None:
     """Write the model (and tokenizer) into ``directory`` on rank 0. Collective under ZeRO-3."""
-    model = engine.module
+    # With an auxiliary loss the engine holds TaskWithAuxiliary; only the task model is published.
+    model = getattr(engine.module, "task_model", engine.module)
     if rank == 0:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
@@ -66,6 +67,8 @@ def save_local(
                     tokenizer.save_pretrained(str(directory / "merged"))
     else:
         state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+        if state is not None and model is not engine.module:
+            state = {k[len("task_model.") :]: v for k, v in state.items() if k.startswith("task_model.")}
         if rank == 0:
             if prepared.publish_as == "remote-code":
                 _add_remote_code(model, directory)

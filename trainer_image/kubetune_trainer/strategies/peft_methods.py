@@ -118,16 +118,26 @@ def apply_peft(model: Any, peft_config: Any, *, name: str) -> Any:
         raise InvalidModel(f"strategy {name}: cannot apply to this model ({exc})") from exc
 
 
-def _check_prefix_support(model: Any) -> None:
-    # PEFT only finds out at the first forward (a ValueError mid-run); the
-    # same check up front makes it a permanent, named model error.
+def _takes_past_key_values(module: Any) -> bool:
     import inspect
 
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
-        raise InvalidModel(
-            f"strategy prefix: {type(model).__name__} takes no past_key_values, which prefix tuning needs; "
-            "use lora or prompt, or a decoder backbone"
-        )
+    return "past_key_values" in inspect.signature(module.forward).parameters
+
+
+def _check_prefix_support(model: Any, task: Task) -> None:
+    # PEFT's classification wrappers feed the prefix as past_key_values to the
+    # model or, failing that, to its backbone, and only find out at the first
+    # forward (a ValueError mid-run).  The same check up front makes it a
+    # permanent, named model error.  Causal-LM wrappers always pass them on.
+    if task not in (Task.SEQUENCE_CLASSIFICATION, Task.TOKEN_CLASSIFICATION) or _takes_past_key_values(model):
+        return
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if backbone is not None and _takes_past_key_values(backbone):
+        return
+    raise InvalidModel(
+        f"strategy prefix: {type(model).__name__} takes no past_key_values, which prefix tuning needs "
+        "(transformers 5 encoders such as BERT do not); use lora or prompt, or a decoder backbone"
+    )
 
 
 def make(builder: Any, name: str) -> Any:
@@ -135,7 +145,7 @@ def make(builder: Any, name: str) -> Any:
 
     def apply(model: Any, settings: Any, ctx: StrategyContext) -> Prepared:
         if name == "prefix":
-            _check_prefix_support(model)
+            _check_prefix_support(model, ctx.task)
         wrapped = apply_peft(model, builder(settings, ctx), name=name)
         virtual = getattr(settings, "num_virtual_tokens", 0) if name == "prompt" else 0
         # Prompt tuning prepends its virtual tokens to the sequence, so causal-LM
