@@ -133,7 +133,7 @@ def hf_worker(args: argparse.Namespace) -> None:
         warmup_steps=WARMUP_RATIO,  # a float below 1 is a ratio of the total steps in transformers 5
         lr_scheduler_type="linear",
         max_grad_norm=MAX_GRAD_NORM,
-        optim="adamw_torch",
+        # optim left at the Trainer's default (adamw_torch_fused with torch >= 2.8).
         use_cpu=True,
         ddp_backend="gloo",
         eval_strategy="epoch",
@@ -165,6 +165,7 @@ def hf_worker(args: argparse.Namespace) -> None:
             "train_loop_seconds": train_seconds,
             "world_size": training_args.world_size,
             "parallel_mode": str(training_args.parallel_mode),
+            "optim": str(training_args.optim),
             "torch_threads": torch.get_num_threads(),
             # The epoch-end evaluation that ran during training (no extra pass).
             "validation": next((e for e in reversed(trainer.state.log_history) if "eval_accuracy" in e), {}),
@@ -200,7 +201,10 @@ def run_hf(strategy: str, data: dict[str, Any], work: Path, *, deepspeed_config:
     samples = data["sizes"]["train"] * EPOCHS
     return {
         "ok": True,
-        "mode": f"transformers.Trainer, DDP on gloo, {summary['world_size']} processes ({summary['parallel_mode']})",
+        "mode": (
+            f"transformers.Trainer, DDP on gloo, {summary['world_size']} processes ({summary['parallel_mode']}), "
+            f"optimizer {summary.get('optim')}"
+        ),
         "train_samples_per_second": summary["train_metrics"]["train_samples_per_second"],
         "train_runtime_seconds": summary["train_metrics"]["train_runtime"],
         "end_to_end_samples_per_second": samples / run["wall_seconds"],
