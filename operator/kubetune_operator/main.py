@@ -140,6 +140,9 @@ def run_operator(settings: OperatorSettings | None = None) -> None:
     """The operator's main loop (blocks until SIGTERM/SIGINT)."""
     settings = settings or load_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One INFO line per handled watch event is noise at scale; the operator logs its own decisions.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(operator_task(settings))
 
 
