@@ -76,8 +76,8 @@ class TrainerMetrics:
     def serve(self, port: int | None = None) -> int:
         """Start the HTTP endpoint (``KUBETUNE_METRICS_PORT``, default 9400); returns the port."""
         chosen = port if port is not None else int(os.environ.get(ENV_METRICS_PORT, DEFAULT_METRICS_PORT))
-        start_http_server(chosen, registry=self.registry)
-        return chosen
+        server, _ = start_http_server(chosen, registry=self.registry)
+        return int(server.server_port)  # the real one when 0 asked for any free port
 
     def record_step(
         self,
