@@ -141,9 +141,13 @@ def task_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float, ignore_
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}")
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_labels = labels.reshape(-1).long()
-    if not bool((flat_labels != ignore_index).any()):
-        return flat_logits.sum() * 0.0
-    return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    # Sum / count equals cross_entropy's "mean" over non-ignored targets, is 0
+    # (not NaN) when there are none, and needs no device-to-host sync.
+    summed = F.cross_entropy(
+        flat_logits, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+    )
+    count = (flat_labels != ignore_index).sum().clamp(min=1)
+    return summed / count
 
 
 # --------------------------------------------------------------------------- auxiliary self-supervision
