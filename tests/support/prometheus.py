@@ -77,9 +77,10 @@ class Prometheus:
             raise RuntimeError(f"Prometheus {path} failed: {body}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; the result vector (empty when nothing matches)."""
-        data = self._get("/api/v1/query", {"query": expr})
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query at ``at`` (Unix seconds; now when None); the result vector (empty when nothing matches)."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        data = self._get("/api/v1/query", params)
         result = data["result"]
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": result}]
@@ -242,23 +243,76 @@ def label_values_as_promql(definition: str) -> tuple[str, str]:
     return f"group by ({match['label']}) ({match['selector']})", match["label"]
 
 
-def empty_panels(
-    server: Prometheus, dashboards: Mapping[str, dict[str, Any]], variables: Mapping[str, str], *, finite: bool
+def dashboard_variables(extra_labels: Mapping[str, str], rate_interval: str = "15s") -> dict[str, str]:
+    """Values of the dashboards' variables for a job labelled ``extra_labels`` (namespace, job_name)."""
+    return {
+        "namespace": extra_labels.get("namespace", ""),
+        "job": extra_labels.get(JOB_NAME_LABEL, ""),
+        "__rate_interval": rate_interval,
+        "datasource": "prometheus",
+    }
+
+
+def panel_problems(
+    server: Prometheus,
+    extra_labels: Mapping[str, str],
+    *,
+    at: float | None = None,
+    rate_interval: str = "15s",
+    finite: bool = False,
+    dashboards: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Panels whose substituted query returns no series (or, with ``finite``, only NaN/Inf values)."""
-    empty: list[str] = []
-    for dashboard, panel, expr in panel_queries(dashboards):
+    """One line per panel query that returns no series at ``at`` (with ``finite``: only NaN/Inf values),
+    and per variable query that does not offer the job's namespace and name."""
+    models = dict(dashboards) if dashboards is not None else load_dashboards()
+    variables = dashboard_variables(extra_labels, rate_interval)
+    problems: list[str] = []
+    for dashboard, panel, expr in panel_queries(models):
         query = substitute(expr, variables)
-        result = server.query(query)
+        result = server.query(query, at)
         if not result:
-            empty.append(f"{dashboard} / {panel}: {query} returned no series")
+            problems.append(f"{dashboard} / {panel}: {query} returned no series")
         elif finite and not any(_finite(sample["value"][1]) for sample in result):
-            empty.append(f"{dashboard} / {panel}: {query} returned only non-finite values")
-    return empty
+            problems.append(f"{dashboard} / {panel}: {query} returned only non-finite values")
+    for dashboard, name, definition in variable_queries(models):
+        query, label = label_values_as_promql(substitute(definition, variables))
+        offered = {sample["metric"].get(label) for sample in server.query(query, at)}
+        if variables.get(name) not in offered:
+            problems.append(f"{dashboard} / variable ${name}: {definition} offers {sorted(map(str, offered))}")
+    return problems
 
 
 def _finite(value: str) -> bool:
     return value.lower() not in ("nan", "+inf", "-inf", "inf")
+
+
+def assert_panels_have_data(
+    server: Prometheus,
+    extra_labels: Mapping[str, str],
+    *,
+    at: float | None = None,
+    timeout: float = 60.0,
+    rate_interval: str = "15s",
+    finite: bool = False,
+    dashboards: Mapping[str, dict[str, Any]] | None = None,
+) -> None:
+    """Poll ``server`` until every panel has data (at ``at``, or now), else AssertionError listing the empty ones.
+
+    Use ``at`` after a run has ended: Prometheus marks the series of a vanished target stale, so an
+    instant query at "now" finds nothing; evaluate at a time the run was still scraped.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = panel_problems(
+            server, extra_labels, at=at, rate_interval=rate_interval, finite=finite, dashboards=dashboards
+        )
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if problems:
+        raise AssertionError(
+            f"{len(problems)} dashboard queries returned nothing after {timeout}s:\n  " + "\n  ".join(problems)
+        )
 
 
 def assert_every_panel_has_data(
@@ -277,40 +331,13 @@ def assert_every_panel_has_data(
     lists.  ``extra_labels`` are attached to every target, as the PodMonitor's relabelling does in a
     cluster; ``namespace`` and ``job_name`` among them become the Training dashboard's ``$namespace``
     and ``$job``.  The dashboards' variable queries must offer those values too.  Raises
-    AssertionError listing every empty panel.  ``targets_timeout`` bounds the wait for the first successful
-    scrapes, ``timeout`` the wait for data after that.
+    AssertionError listing every empty panel.  ``targets_timeout`` bounds the wait for the first
+    successful scrapes, ``timeout`` the wait for data after that.  For a run that starts and ends
+    while Prometheus scrapes, use :func:`run_prometheus` and :func:`assert_panels_have_data` with ``at``.
     """
     labels = dict(extra_labels or {})
-    models = dict(dashboards) if dashboards is not None else load_dashboards()
-    variables = {
-        "namespace": labels.get("namespace", ""),
-        "job": labels.get(JOB_NAME_LABEL, ""),
-        "__rate_interval": rate_interval,
-        "datasource": "prometheus",
-    }
     with run_prometheus(targets, labels) as server:
         wait_for_targets_up(server, timeout=targets_timeout)
-        deadline = time.monotonic() + timeout
-        problems: list[str] = []
-        while True:
-            problems = empty_panels(server, models, variables, finite=finite)
-            problems += _variable_problems(server, models, variables)
-            if not problems or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        if problems:
-            raise AssertionError(
-                f"{len(problems)} dashboard queries returned nothing after {timeout}s:\n  " + "\n  ".join(problems)
-            )
-
-
-def _variable_problems(
-    server: Prometheus, dashboards: Mapping[str, dict[str, Any]], variables: Mapping[str, str]
-) -> list[str]:
-    problems = []
-    for dashboard, name, definition in variable_queries(dashboards):
-        query, label = label_values_as_promql(substitute(definition, variables))
-        offered = {sample["metric"].get(label) for sample in server.query(query)}
-        if variables.get(name) not in offered:
-            problems.append(f"{dashboard} / variable ${name}: {definition} offers {sorted(map(str, offered))}")
-    return problems
+        assert_panels_have_data(
+            server, labels, timeout=timeout, rate_interval=rate_interval, finite=finite, dashboards=dashboards
+        )
