@@ -201,13 +201,44 @@ def _load_data(
         val_records, val_display = [], ""
     if ds.max_eval_samples:
         val_records = val_records[: ds.max_eval_samples]
-    train = data_mod.encode_records(train_records, tokenizer=tokenizer, model=spec.model, dataset=ds, display=ds.train)
-    val = (
-        data_mod.encode_records(val_records, tokenizer=tokenizer, model=spec.model, dataset=ds, display=val_display)
-        if val_display
-        else []
-    )
-    return train, val
+
+    def encode() -> tuple[list[data_mod.Example], list[data_mod.Example]]:
+        train = data_mod.encode_records(
+            train_records, tokenizer=tokenizer, model=spec.model, dataset=ds, display=ds.train
+        )
+        val = (
+            data_mod.encode_records(val_records, tokenizer=tokenizer, model=spec.model, dataset=ds, display=val_display)
+            if val_display
+            else []
+        )
+        return train, val
+
+    # Local rank 0 tokenizes first and caches; the node's other ranks load the cache.
+    # A rank that finds no cache (rank 0 failed on bad data) tokenizes itself and
+    # raises the same named error.
+    import hashlib
+    import pickle
+
+    digest = hashlib.sha256(repr((spec.model.to_wire(), ds.to_wire(), spec.training.seed)).encode())
+    for records in (train_records, val_records):
+        for number, row in records:
+            digest.update(repr((number, row)).encode())
+    key = digest.hexdigest()[:20]
+    cache = work_dir / "tokenized" / f"{key}.pkl"
+    if dist.local_rank == 0:
+        try:
+            encoded = encode()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(pickle.dumps(encoded))
+            tmp.replace(cache)
+        finally:
+            dist.barrier()
+        return encoded
+    dist.barrier()
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())  # noqa: S301 (written by this node's rank 0 moments ago)
+    return encode()
 
 
 # --------------------------------------------------------------------------- losses
