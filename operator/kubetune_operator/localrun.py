@@ -203,7 +203,11 @@ class LocalRun:
         self.console.print("interrupted: asking the trainers to checkpoint and stop ...")
         self.stop(float(self.job.spec.run_policy.termination_grace_period_seconds))
         codes = {pod.launch.name: pod.exit_code for pod in self.pods}
-        self.console.print(f"stopped {codes}; run the same command again to resume from the last checkpoint")
+        self.console.print(
+            f"stopped {codes}; run the same command again to resume from the last checkpoint",
+            markup=False,
+            soft_wrap=True,
+        )
         return INTERRUPTED_EXIT
 
 

@@ -95,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    # torchrun reads its --signals-to-handle default from PET_SIGNALS_TO_HANDLE; without it the
+    # agent takes SIGTERM itself, kills the workers after its shutdown timeout and hides the
+    # workers' exit codes behind a SignalException.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
     forwarder = _SigtermForwarder()
     forwarder.install()
     codes: list[int]
