@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import pytest
 import yaml
 
 from kubetune_operator.monitoring.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
-from tests.support.prometheus import panel_problems, prometheus_binary, run_prometheus
+from tests.support.metrics_labels import assert_bounded_labels
+from tests.support.prometheus import panel_problems, prometheus_binary, promtool_binary, run_prometheus
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,6 +30,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {"namespace": "ml", "job_name": "panels-demo"}
 DEADLINE_SECONDS = 600
+PROMTOOL = promtool_binary()
 
 
 def _free_port() -> int:
@@ -123,6 +127,16 @@ def test_every_panel_has_data_from_a_real_run_and_operator(tmp_path: Path, monke
                     time.sleep(3)
                     problems = panel_problems(prometheus, LABELS)
                 assert problems == [], f"{len(problems)} panels without data:\n  " + "\n  ".join(problems)
+                # The live /metrics of a trainer pod and of the operator: promtool-clean, bounded labels.
+                for address in [*trainer_targets, *targets[OPERATOR_SCRAPE_JOB]]:
+                    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+                        text = response.read().decode()
+                    assert_bounded_labels(text)
+                    if PROMTOOL:
+                        check = subprocess.run(
+                            [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+                        )
+                        assert (check.stdout + check.stderr).strip() == "", f"{address}: {check.stdout}{check.stderr}"
         finally:
             if run.pods:
                 run.stop(60)
