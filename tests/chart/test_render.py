@@ -4,6 +4,7 @@ object validates against the Kubernetes 1.30 and the newest supported schemas.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -191,20 +192,26 @@ def test_operator_settings_env_and_probes() -> None:
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_operator_settings_env_is_accepted_by_the_operator_settings() -> None:
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_operator_settings_env_is_what_the_operator_reads(scenario: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Deployment's env, set in a real environment, loads through the operator's own settings loader."""
     settings = pytest.importorskip("kubetune_operator.settings")
-    for scenario, values in SCENARIOS.items():
-        container = helm.one(helm.render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        loaded = settings.OperatorSettings(
-            **{
-                k.removeprefix("KUBETUNE_").lower(): v
-                for k, v in env.items()
-                if k.startswith("KUBETUNE_") and k != "KUBETUNE_POD_NAME"
-            }
-        )
-        assert loaded.metrics_port == 8080, scenario
-        assert loaded.watch_namespaces == list(values.get("watchNamespaces", [])), scenario
+    values = SCENARIOS[scenario]
+    container = helm.one(helm.render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for name in [n for n in os.environ if n.startswith("KUBETUNE_")]:
+        monkeypatch.delenv(name)
+    for env in container["env"]:
+        assert env["name"].startswith("KUBETUNE_"), f"unexpected env {env['name']}"
+        monkeypatch.setenv(env["name"], env["value"])
+    loaded = settings.load_settings()
+    assert loaded.metrics_port == 8080
+    assert loaded.health_port == 8081
+    assert loaded.watch_namespaces == list(values.get("watchNamespaces", []))
+    assert loaded.peering_name == "kt-kubetune"
+    operator = values.get("operator", {})
+    assert loaded.default_checkpoint_uri == operator.get("defaultCheckpointUri")
+    assert loaded.checkpoint_endpoint == operator.get("checkpointEndpoint")
+    assert loaded.credentials_secret == operator.get("credentialsSecret")
 
 
 def test_monitoring_objects() -> None:
