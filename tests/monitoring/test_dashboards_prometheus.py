@@ -27,6 +27,7 @@ from tests.support.prometheus import (
     substitute,
     targets_from_env,
 )
+from tests.support.synthetic_metrics import collector
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (make system-deps)")
 LABELS = {"namespace": "ml", "job_name": "demo"}
@@ -78,9 +79,9 @@ def test_every_panel_has_data_from_the_real_metric_classes() -> None:
     operator_module: Any = pytest.importorskip("kubetune_operator.metrics")
     trainer = trainer_module.TrainerMetrics()
     operator = operator_module.OperatorMetrics()
-    trainer.total_steps.set(1000)
-    trainer.trainable_parameters.set(1000)
-    trainer.parameters.set(100000)
+    collector(trainer.registry, "kubetune_trainer_total_steps").set(1000)
+    collector(trainer.registry, "kubetune_trainer_trainable_parameters").set(1000)
+    collector(trainer.registry, "kubetune_trainer_parameters").set(100000)
     trainer.record_eval({"accuracy": 0.8, "f1": 0.7})
     step = [0]
 
@@ -91,17 +92,17 @@ def test_every_panel_has_data_from_the_real_metric_classes() -> None:
             learning_rate=1e-4, grad_norm=1.0, samples=8, tokens=512, seconds=0.2, total_steps=1000,
         )  # fmt: skip
         if step[0] % 5 == 0:
-            trainer.checkpoint_seconds.labels(phase="save").observe(0.3)
-            trainer.checkpoint_bytes_total.inc(1000)
-            trainer.checkpoint_step.set(step[0])
-            trainer.checkpoint_timestamp.set(time.time())
+            collector(trainer.registry, "kubetune_trainer_checkpoint_seconds").labels(phase="save").observe(0.3)
+            collector(trainer.registry, "kubetune_trainer_checkpoint_bytes_total").inc(1000)
+            collector(trainer.registry, "kubetune_trainer_checkpoint_step").set(step[0])
+            collector(trainer.registry, "kubetune_trainer_checkpoint_timestamp_seconds").set(time.time())
 
     def reconcile_once() -> None:
-        operator.reconcile_seconds.observe(0.01)
-        operator.time_to_running.observe(12)
-        operator.job_duration.observe(600)
-        operator.restarts.inc()
-        operator.reconcile_errors.inc()
+        collector(operator.registry, "kubetune_operator_reconcile_seconds").observe(0.01)
+        collector(operator.registry, "kubetune_operator_time_to_running_seconds").observe(12)
+        collector(operator.registry, "kubetune_operator_job_duration_seconds").observe(600)
+        collector(operator.registry, "kubetune_operator_restarts_total").inc()
+        collector(operator.registry, "kubetune_operator_reconcile_errors_total").inc()
 
     with _served(trainer.registry, train_one_step) as t, _served(operator.registry, reconcile_once) as o:
         assert_every_panel_has_data({TRAINER_SCRAPE_JOB: [t], OPERATOR_SCRAPE_JOB: [o]}, LABELS, timeout=45)

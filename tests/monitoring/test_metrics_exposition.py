@@ -15,6 +15,7 @@ from kubetune_operator.monitoring.catalog import OPERATOR_METRICS, TRAINER_METRI
 from tests.support import synthetic_metrics
 from tests.support.metrics_labels import assert_bounded_labels, label_problems, series_count
 from tests.support.prometheus import promtool_binary
+from tests.support.synthetic_metrics import collector
 
 PROMTOOL = promtool_binary()
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (make system-deps)")
@@ -36,9 +37,9 @@ def _trainer_exposition(steps: int) -> str:
         "kubetune_trainer.metrics", reason="the trainer's metrics module is not there yet"
     )
     metrics = module.TrainerMetrics()
-    metrics.total_steps.set(steps)
-    metrics.trainable_parameters.set(295_682)
-    metrics.parameters.set(22_713_216)
+    collector(metrics.registry, "kubetune_trainer_total_steps").set(steps)
+    collector(metrics.registry, "kubetune_trainer_trainable_parameters").set(295_682)
+    collector(metrics.registry, "kubetune_trainer_parameters").set(22_713_216)
     for step in range(1, steps + 1):
         # record_step also samples memory (it imports torch lazily; the trainer extra is installed here).
         metrics.record_step(
@@ -54,11 +55,11 @@ def _trainer_exposition(steps: int) -> str:
         )
         if step % 5 == 0:
             for phase in ("save", "upload", "commit"):
-                metrics.checkpoint_seconds.labels(phase=phase).observe(0.5)
-            metrics.checkpoint_bytes_total.inc(1_000_000)
-            metrics.checkpoint_step.set(step)
-            metrics.checkpoint_timestamp.set(1.7e9 + step)
-    metrics.checkpoint_seconds.labels(phase="restore").observe(2.0)
+                collector(metrics.registry, "kubetune_trainer_checkpoint_seconds").labels(phase=phase).observe(0.5)
+            collector(metrics.registry, "kubetune_trainer_checkpoint_bytes_total").inc(1_000_000)
+            collector(metrics.registry, "kubetune_trainer_checkpoint_step").set(step)
+            collector(metrics.registry, "kubetune_trainer_checkpoint_timestamp_seconds").set(1.7e9 + step)
+    collector(metrics.registry, "kubetune_trainer_checkpoint_seconds").labels(phase="restore").observe(2.0)
     metrics.record_eval({"accuracy": 0.8, "f1": 0.75, "loss": 0.4})
     return generate_latest(metrics.registry).decode()
 
@@ -68,11 +69,11 @@ def _operator_exposition() -> str:
         "kubetune_operator.metrics", reason="the operator's metrics module is not there yet"
     )
     metrics = module.OperatorMetrics()
-    metrics.reconcile_seconds.observe(0.02)
-    metrics.reconcile_errors.inc()
-    metrics.restarts.inc()
-    metrics.time_to_running.observe(30)
-    metrics.job_duration.observe(1800)
+    collector(metrics.registry, "kubetune_operator_reconcile_seconds").observe(0.02)
+    collector(metrics.registry, "kubetune_operator_reconcile_errors_total").inc()
+    collector(metrics.registry, "kubetune_operator_restarts_total").inc()
+    collector(metrics.registry, "kubetune_operator_time_to_running_seconds").observe(30)
+    collector(metrics.registry, "kubetune_operator_job_duration_seconds").observe(1800)
     return generate_latest(metrics.registry).decode()
 
 

@@ -153,3 +153,16 @@ def serve(registry: CollectorRegistry, *, tick_seconds: float = 0.25) -> Iterato
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def collector(registry: CollectorRegistry, name: str) -> Any:
+    """The metric object registered under ``name`` (the contract name, e.g. ``kubetune_trainer_step``).
+
+    Tests drive the real TrainerMetrics/OperatorMetrics by metric name, not by their attribute names,
+    so only the cross-team contract (the names) couples them.
+    """
+    # prometheus-client has no public lookup by name; this mapping has been stable across its releases.
+    found = registry._names_to_collectors.get(name)
+    if found is None:
+        raise KeyError(f"{name} is not registered")
+    return found
