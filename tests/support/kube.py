@@ -160,6 +160,8 @@ class Emulator(kmock.KubernetesEmulator):
         self._gc_tasks: set[asyncio.Task[None]] = set()
         self.store: dict[tuple[str, str], dict[tuple[str | None, str], dict[str, Any]]] = {}
         self._resources_seen: dict[tuple[str, str], Any] = {}
+        self.created: list[tuple[tuple[str, str], str | None, str]] = []  # every successful create
+        self.created_at: dict[tuple[tuple[str, str], str | None, str], float] = {}  # first create (monotonic)
 
     # ----------------------------------------------------------------- helpers
 
@@ -280,6 +282,8 @@ class Emulator(kmock.KubernetesEmulator):
                 obj.pop("status", None)
             self._bump(obj)
             self._store(resource, namespace, name, obj)
+            self.created.append((self._gk(resource), namespace, name))
+            self.created_at.setdefault((self._gk(resource), namespace, name), time.monotonic())
             await self._publish(resource, "ADDED", obj)
         return aiohttp.web.json_response(obj, status=201)
 
@@ -563,11 +567,15 @@ class JobController:
 
     def step(self) -> None:
         """One pass: pods for unsuspended Jobs, none for suspended ones; orphans are GC'd by the emulator."""
+        self.step_with(self.client.pods(), self.client.jobs())
+
+    def step_with(self, all_pods: list[dict[str, Any]], all_jobs: list[dict[str, Any]]) -> None:
+        """:meth:`step` on objects the caller already listed."""
         pods_by_job: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for pod in self.client.pods():
+        for pod in all_pods:
             owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
             pods_by_job.setdefault((pod["metadata"]["namespace"], owner.get("name", "")), []).append(pod)
-        for job in self.client.jobs():
+        for job in all_jobs:
             try:
                 self._step_job(job, pods_by_job)
             except (urllib.error.URLError, OSError, KeyError, TypeError) as error:
@@ -621,7 +629,8 @@ class JobController:
                         }
                     ],
                 },
-                "spec": template["spec"],
+                # Only what the tests read: the full pod template would make every list heavy.
+                "spec": {"containers": [{"name": c["name"]} for c in template["spec"]["containers"]]},
             }
             result = self.client.create("v1", "pods", namespace, pod)
             if result is not None:
@@ -688,10 +697,11 @@ class JobController:
         exit_code: int = 20,
         message: Mapping[str, Any] | str | None = None,
         others_exit: int = 143,
+        pods: list[dict[str, Any]] | None = None,
     ) -> None:
         """Pod ``index`` fails; the podFailurePolicy fails the Job and the other pods are killed."""
         job = self.client.get("batch/v1", "jobs", namespace, job_name)
-        for pod in self.job_pods(namespace, job_name):
+        for pod in pods if pods is not None else self.job_pods(namespace, job_name):
             pod_index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
             if pod_index == index:
                 self._terminate(pod, exit_code, message)
@@ -704,10 +714,16 @@ class JobController:
             conditions=[self._condition("Failed", "PodFailurePolicy", f"Container trainer for pod {index} failed")],
         )
 
-    def succeed(self, namespace: str, job_name: str, rank0_message: Mapping[str, Any] | None = None) -> None:
+    def succeed(
+        self,
+        namespace: str,
+        job_name: str,
+        rank0_message: Mapping[str, Any] | None = None,
+        pods: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Every pod exits 0; rank 0 leaves the trainer's success message; the Job completes."""
         job = self.client.get("batch/v1", "jobs", namespace, job_name)
-        pods = self.job_pods(namespace, job_name)
+        pods = pods if pods is not None else self.job_pods(namespace, job_name)
         for pod in pods:
             index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
             self._terminate(
