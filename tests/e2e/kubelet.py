@@ -16,6 +16,7 @@ that ``status.podIP`` plus the pod's ``metrics`` port reach the trainer.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import signal
@@ -211,7 +212,7 @@ class ProcessKubelet:
                 if ref and ref["name"] not in secret_data:
                     secret = self._get("v1", "secrets", ref["name"]) or {}
                     secret_data[ref["name"]] = {
-                        k: str(v) for k, v in (secret.get("stringData") or secret.get("data") or {}).items()
+                        key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()
                     }
         ports = {
             p.get("containerPort")
