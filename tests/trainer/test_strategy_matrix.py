@@ -37,6 +37,7 @@ LEARNING_RATE = {
     "prefix": 1e-1,
     "prompt": 1e-1,
 }
+MLM_LR_FACTOR = {"ia3": 5}  # IA3's scaling vectors barely move a pretrained MLM loss otherwise
 SETTINGS: dict[str, dict[str, Any]] = {
     "partial": {"partial": {"trainableLayers": 1}},
     "lora": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
@@ -125,7 +126,8 @@ def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
         "training": {
             "maxSteps": STEPS,
             # The pretrained MLM head already fits; moving its loss in 20 steps takes a bolder step.
-            "learningRate": LEARNING_RATE[case.strategy] * (2 if case.task == Task.MASKED_LM else 1),
+            "learningRate": LEARNING_RATE[case.strategy]
+            * (MLM_LR_FACTOR.get(case.strategy, 2) if case.task == Task.MASKED_LM else 1),
             "scheduler": "constant",
             "microBatchSize": 8,
             "precision": "fp32",
@@ -233,11 +235,15 @@ def _expected_trainable(case: Case, matrix: Matrix, published: dict[str, Any]) -
         # its decoder is tied to the shared word embeddings.
         aux_head = hidden * hidden + hidden + 2 * hidden + vocab_size() if case.variant == "objective" else 0
         return sum(p.numel() for p in model.parameters()) + aux_head
-    if case.strategy == "lora":
-        r = 4
+    # The tiny BERT checkpoint has no pooler: sequence classification initializes one, and PEFT
+    # methods must train (and publish) it like the new head.
+    new_modules = head + (hidden * hidden + hidden if case.task == "sequence-classification" else 0)
+    if case.strategy in ("lora", "adalora"):
+        # LoRA: A (r x in) + B (out x r); AdaLoRA adds E (r) and reports its initial rank.
+        r, extra = (4, 0) if case.strategy == "lora" else (6, 6)
         if case.backbone == "gpt2":  # c_attn: Conv1D 32 -> 96
-            return layers * r * (hidden + 3 * hidden) + head
-        return layers * 2 * r * (hidden + hidden) + head  # query, value (+ the new head, trained whole)
+            return layers * (r * (hidden + 3 * hidden) + extra) + new_modules
+        return layers * 2 * (r * (hidden + hidden) + extra) + new_modules  # query, value
     if case.strategy == "partial":
         if case.backbone == "gpt2":  # c_attn 32->96, c_proj, 2 LayerNorms, MLP 32->128->32; + final LayerNorm
             block = (hidden * 3 * hidden + 3 * hidden) + (hidden * hidden + hidden) + 2 * (2 * hidden)
@@ -248,8 +254,8 @@ def _expected_trainable(case: Case, matrix: Matrix, published: dict[str, Any]) -
         pooler = hidden * hidden + hidden if case.task == "sequence-classification" else 0
         mlm_head = (hidden * hidden + hidden + 2 * hidden + vocab_size()) if case.task == "masked-lm" else 0
         return block + pooler + head + mlm_head
-    if case.strategy == "adapter":  # reduction factor 4: 32 -> 8 -> 32 after each block, plus the head
-        return layers * ((hidden * 8 + 8) + (8 * hidden + hidden)) + head
+    if case.strategy == "adapter":  # 32 -> 8 -> 32 after each block, plus the new head (and pooler)
+        return layers * ((hidden * 8 + 8) + (8 * hidden + hidden)) + new_modules
     # The other PEFT methods: every trainable tensor is what PEFT saves in the adapter.
     return sum(t.numel() for k, t in published.items() if "ranknum" not in k)
 

@@ -459,6 +459,7 @@ def run(job: FineTuneJob) -> ExitCode:
     from kubetune_trainer.objective import param_groups, snapshot_anchors
     from kubetune_trainer.sources import resolve_backbone
     from kubetune_trainer.strategies import StrategyContext, apply_strategy, count_parameters
+    from kubetune_trainer.strategies.peft_methods import new_module_names
 
     spec = job.spec
     _validate_supported(spec)
@@ -515,7 +516,11 @@ def run(job: FineTuneJob) -> ExitCode:
         backbone.model,
         spec.strategy,
         StrategyContext(
-            task=spec.model.task, backbone_path=str(backbone_dir), total_steps=total_steps, zero_stage=zero_stage
+            task=spec.model.task,
+            backbone_path=str(backbone_dir),
+            total_steps=total_steps,
+            zero_stage=zero_stage,
+            new_modules=new_module_names(backbone.new_parameter_names),
         ),
     )
     model = prepared.model

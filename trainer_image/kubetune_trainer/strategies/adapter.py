@@ -32,7 +32,8 @@ def apply(model: Any, settings: AdapterConfig, ctx: StrategyContext) -> Prepared
         for param in adapter.parameters():
             param.requires_grad_(True)
     for name, param in model.named_parameters():
-        if name.split(".")[0] in HEAD_MARKERS:
+        # The task head, and anything else the checkpoint lacked (a fresh pooler): random weights must train.
+        if name.split(".")[0] in HEAD_MARKERS or any(name.startswith(m + ".") for m in ctx.new_modules):
             param.requires_grad_(True)
     setattr(
         model.config,

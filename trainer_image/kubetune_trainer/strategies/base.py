@@ -14,6 +14,10 @@ class StrategyContext:
     backbone_path: str
     total_steps: int
     zero_stage: int
+    # Modules the backbone checkpoint did not contain (initialized fresh, e.g. a BERT pooler
+    # under a checkpoint saved without one, the task head): PEFT must train and save them, or a
+    # published adapter would load onto different random weights.
+    new_modules: tuple[str, ...] = ()
 
 
 @dataclass

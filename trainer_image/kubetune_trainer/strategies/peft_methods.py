@@ -28,6 +28,11 @@ def task_type(task: Task) -> Any:
     }[task]
 
 
+def new_module_names(missing_keys: list[str]) -> tuple[str, ...]:
+    """Module paths of freshly initialized parameters (``bert.pooler.dense.weight`` -> ``bert.pooler.dense``)."""
+    return tuple(sorted({key.rsplit(".", 1)[0] for key in missing_keys if "." in key}))
+
+
 def _targets(value: list[str] | None) -> list[str] | None:
     return list(value) if value is not None else None
 
@@ -146,7 +151,10 @@ def make(builder: Any, name: str) -> Any:
     def apply(model: Any, settings: Any, ctx: StrategyContext) -> Prepared:
         if name == "prefix":
             _check_prefix_support(model, ctx.task)
-        wrapped = apply_peft(model, builder(settings, ctx), name=name)
+        peft_config = builder(settings, ctx)
+        if ctx.new_modules:
+            peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(ctx.new_modules))
+        wrapped = apply_peft(model, peft_config, name=name)
         virtual = getattr(settings, "num_virtual_tokens", 0) if name == "prompt" else 0
         # Prompt tuning prepends its virtual tokens to the sequence, so causal-LM
         # logits have that many extra leading positions.
