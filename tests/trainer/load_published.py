@@ -27,8 +27,10 @@ AUTO = {
 
 
 def load(entry):
-    info = json.loads(Path(entry["output"], "kubetune-metrics.json").read_text())
     auto = AUTO[entry["task"]]
+    if entry.get("merged"):  # mergeAdapter: full weights with the adapter folded in, under merged/
+        return auto.from_pretrained(f"{entry['output']}/merged").eval(), "merged"
+    info = json.loads(Path(entry["output"], "kubetune-metrics.json").read_text())
     kwargs = {"num_labels": entry["num_labels"]} if entry["num_labels"] else {}
     if info["publishedAs"] == "peft":
         from peft import PeftModel

@@ -82,6 +82,7 @@ ALL_CASES = [
     # The regularized objective end to end: L = CE(smoothed) + λ·MLM + λ·L2-SP, dropout override.
     Case("full", "sequence-classification", 2, "objective"),
     Case("lora", "token-classification", 2, "auxiliary"),
+    Case("lora", "sequence-classification", 2, "merged"),  # output.mergeAdapter: true
 ]
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "objective": {
@@ -135,7 +136,7 @@ def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
             "seed": 7,
         },
         "deepspeed": {"zeroStage": case.stage},
-        "output": {"uri": f"file://{root / case.id / 'output'}"},
+        "output": {"uri": f"file://{root / case.id / 'output'}", "mergeAdapter": case.variant == "merged"},
         # ZeRO-3 LoRA runs also checkpoint: DeepSpeed's own consolidation of that checkpoint is the
         # independent reference for the published adapter (test_zero3_lora_adapter_equals_gathered_weights).
         **(
@@ -191,6 +192,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, tiny_backbones: dict[str, P
                     "sample": str(directory / "work" / "eval-sample.safetensors"),
                 }
             )
+            if case.variant == "merged":
+                entries.append(entries[-1] | {"name": f"{case.id}/merged", "merged": True})
     (root / "load.json").write_text(json.dumps(entries))
     loader = subprocess.run(
         [PYTHON, "-I", str(REPO / "tests" / "trainer" / "load_published.py"), str(root / "load.json")],
@@ -319,6 +322,10 @@ def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
     loaded = matrix.loaded[case.id]
     assert "error" not in loaded, loaded
     assert loaded["max_abs_diff"] < 1e-4, loaded
+    if case.variant == "merged":  # the merged full weights give the same logits as base + adapter
+        merged = matrix.loaded[f"{case.id}/merged"]
+        assert "error" not in merged, merged
+        assert merged["max_abs_diff"] < 1e-4, merged
 
 
 ZERO3_LORA = [c for c in CASES if c.strategy == "lora" and c.stage == 3]

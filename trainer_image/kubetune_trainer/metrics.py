@@ -123,5 +123,5 @@ class TrainerMetrics:
     def record_eval(self, results: dict[str, Any]) -> None:
         """Set ``kubetune_trainer_eval{metric}`` for every numeric result."""
         for name, value in results.items():
-            if isinstance(value, int | float):
+            if name != "samples" and isinstance(value, int | float):  # a count, not a metric
                 self.eval.labels(metric=name).set(float(value))
