@@ -12,11 +12,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune_operator.monitoring.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
 from tests.support.metrics_labels import assert_bounded_labels
@@ -72,7 +73,18 @@ def _training_manifest(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def test_every_panel_has_data_from_a_real_run_and_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@dataclass
+class LiveRun:
+    """What one real run showed: panel problems (empty = every panel had data) and live /metrics texts."""
+
+    problems: list[str] = field(default_factory=list)
+    expositions: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
+    """Train for real (2 local ranks) while the real operator reconciles the same job on the emulator and a
+    real Prometheus scrapes both, until every panel has data (or the deadline passes)."""
     kopf = pytest.importorskip("kopf")
     from rich.console import Console
 
@@ -82,63 +94,75 @@ def test_every_panel_has_data_from_a_real_run_and_operator(tmp_path: Path, monke
     from kubetune_trainer.spec import FineTuneJob
     from tests.support.kube import EmulatorServer, JobController, wait_for
 
+    tmp_path = tmp_path_factory.mktemp("real-run")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'operator'}:{REPO / 'trainer_image'}:{REPO}")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    manifest = _training_manifest(tmp_path)
-    job, storage = localize_job(FineTuneJob.model_validate(manifest), RunOptions(storage=tmp_path / "run"))
-    run = LocalRun(job, storage, Console(quiet=True), RunOptions(storage=tmp_path / "run"))
-
-    with EmulatorServer([LABELS["namespace"]]) as cluster:
-        client = cluster.client()
-        controller = JobController(client).start(interval=0.2)
-        settings = OperatorSettings(
-            default_checkpoint_uri="s3://ckpt",
-            metrics_port=_free_port(),
-            health_port=_free_port(),
-            peering_priority=10,
-            resync_interval_seconds=1.0,
-            progress_interval_seconds=1.0,
-        )
-        operator = start_in_thread(settings, connection=kopf.ConnectionInfo(server=cluster.url))
-        try:
-            operator.wait_ready(60)
-            # The operator reconciles the same job (its pods are played by the emulator's Job controller).
-            client.create(
-                "kubetune.io/v1alpha1", "finetunejobs", LABELS["namespace"], yaml.safe_load(yaml.safe_dump(manifest))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("PYTHONPATH", f"{REPO / 'operator'}:{REPO / 'trainer_image'}:{REPO}")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        manifest = _training_manifest(tmp_path)
+        options = RunOptions(storage=tmp_path / "run")
+        job, storage = localize_job(FineTuneJob.model_validate(manifest), options)
+        run = LocalRun(job, storage, Console(quiet=True), options)
+        result = LiveRun()
+        with EmulatorServer([LABELS["namespace"]]) as cluster:
+            client = cluster.client()
+            controller = JobController(client).start(interval=0.2)
+            settings = OperatorSettings(
+                default_checkpoint_uri="s3://ckpt",
+                metrics_port=_free_port(),
+                health_port=_free_port(),
+                peering_priority=10,
+                resync_interval_seconds=1.0,
+                progress_interval_seconds=1.0,
             )
-            run.start()
-            trainer_targets = [f"127.0.0.1:{pod.launch.metrics_port}" for pod in run.pods]
-            targets = {TRAINER_SCRAPE_JOB: trainer_targets, OPERATOR_SCRAPE_JOB: [f"127.0.0.1:{settings.metrics_port}"]}
-            with run_prometheus(targets, LABELS) as prometheus:
-                wait_for(
-                    lambda: (
-                        (client.ftj(LABELS["namespace"], LABELS["job_name"]) or {}).get("status", {}).get("phase")
-                        == "Running"
-                    ),
-                    120,
-                    what="the operator's job Running",
-                )
-                deadline = time.monotonic() + DEADLINE_SECONDS
-                problems = ["not checked yet"]
-                while problems and time.monotonic() < deadline:
-                    exited = [pod.exit_code for pod in run.pods if pod.exit_code is not None]
-                    assert not exited, f"the training run ended early ({exited}): see {storage / '.local'}"
-                    time.sleep(3)
-                    problems = panel_problems(prometheus, LABELS)
-                assert problems == [], f"{len(problems)} panels without data:\n  " + "\n  ".join(problems)
-                # The live /metrics of a trainer pod and of the operator: promtool-clean, bounded labels.
-                for address in [*trainer_targets, *targets[OPERATOR_SCRAPE_JOB]]:
-                    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-                        text = response.read().decode()
-                    assert_bounded_labels(text)
-                    if PROMTOOL:
-                        check = subprocess.run(
-                            [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-                        )
-                        assert (check.stdout + check.stderr).strip() == "", f"{address}: {check.stdout}{check.stderr}"
-        finally:
-            if run.pods:
-                run.stop(60)
-            operator.stop()
-            controller.stop()
+            operator = start_in_thread(settings, connection=kopf.ConnectionInfo(server=cluster.url))
+            try:
+                operator.wait_ready(60)
+                # The operator reconciles the same job (its pods are played by the emulator's Job controller).
+                client.create("kubetune.io/v1alpha1", "finetunejobs", LABELS["namespace"], manifest)
+                run.start()
+                trainer = [f"127.0.0.1:{pod.launch.metrics_port}" for pod in run.pods]
+                targets = {TRAINER_SCRAPE_JOB: trainer, OPERATOR_SCRAPE_JOB: [f"127.0.0.1:{settings.metrics_port}"]}
+                with run_prometheus(targets, LABELS) as prometheus:
+                    wait_for(
+                        lambda: (
+                            (client.ftj(LABELS["namespace"], LABELS["job_name"]) or {}).get("status", {}).get("phase")
+                            == "Running"
+                        ),
+                        120,
+                        what="the operator's job Running",
+                    )
+                    deadline = time.monotonic() + DEADLINE_SECONDS
+                    result.problems = ["not checked yet"]
+                    while result.problems and time.monotonic() < deadline:
+                        exited = [pod.exit_code for pod in run.pods if pod.exit_code is not None]
+                        assert not exited, f"the training run ended early ({exited}): see {storage / '.local'}"
+                        time.sleep(3)
+                        result.problems = panel_problems(prometheus, LABELS)
+                    for address in [*trainer, *targets[OPERATOR_SCRAPE_JOB]]:
+                        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+                            result.expositions[address] = response.read().decode()
+            finally:
+                if run.pods:
+                    run.stop(60)
+                operator.stop()
+                controller.stop()
+        yield result
+
+
+def test_every_panel_has_data_from_a_real_run_and_operator(live_run: LiveRun) -> None:
+    assert live_run.problems == [], f"{len(live_run.problems)} panels without data:\n  " + "\n  ".join(
+        live_run.problems
+    )
+
+
+def test_live_metrics_pass_promtool_and_have_bounded_labels(live_run: LiveRun) -> None:
+    """The live /metrics of each trainer pod and of the operator."""
+    assert len(live_run.expositions) == 3
+    for address, text in live_run.expositions.items():
+        assert_bounded_labels(text)
+        if PROMTOOL:
+            check = subprocess.run(
+                [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+            )
+            assert (check.stdout + check.stderr).strip() == "", f"{address}: {check.stdout}{check.stderr}"
