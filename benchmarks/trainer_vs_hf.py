@@ -472,8 +472,19 @@ def compare(
     return results
 
 
+def probe_data(root: Path) -> dict[str, Any]:
+    """A tiny slice of the split (64 train, 32 validation sentences): the probe only asks "does it run?"."""
+    splits = _common.load_mr_splits(seed=13)
+    sizes = {"train": 64, "validation": 32, "test": 32}
+    paths = {
+        name: str(_common.write_jsonl(_common.subsample(splits[name], n), root / f"{name}.jsonl"))
+        for name, n in sizes.items()
+    }
+    return {"paths": paths, "sizes": sizes}
+
+
 def probe_hf_deepspeed(data: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Try the Hugging Face Trainer with DeepSpeed ZeRO-2 on 2 CPU processes (quick data); report the outcome."""
+    """Try the Hugging Face Trainer with DeepSpeed ZeRO-2 on 2 CPU processes (tiny data); report the outcome."""
     config = work / "hf-ds-config.json"
     config.write_text(
         json.dumps(
@@ -489,6 +500,10 @@ def probe_hf_deepspeed(data: dict[str, Any], work: Path) -> dict[str, Any]:
     )
     result = run_hf("full", data, work / "probe", deepspeed_config=str(config))
     keep = ("ok", "returncode", "wall_seconds", "mode", "train_samples_per_second", "log_tail")
+    if result.get("ok"):
+        # Did it really run 2 DeepSpeed ranks, or fall back to one process?
+        summary = read_json(work / "probe" / "hf-full" / "hf-summary.json") or {}
+        result["mode"] = f"{result.get('mode')}; world_size {summary.get('world_size')}"
     return {k: result.get(k) for k in keep if k in result}
 
 
@@ -503,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--out-dir", required=True)
     worker.add_argument("--deepspeed-config", default=None)
     parser.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_SAMPLES} samples")
-    parser.add_argument("--strategies", default="full,lora")
+    parser.add_argument("--strategies", default="full,lora", help="comma-separated; empty for none")
     parser.add_argument("--systems", default="hf,kubetune")
     parser.add_argument("--zero-stage", type=int, default=0, help="kubetune's deepspeed.zeroStage (default 0)")
     parser.add_argument("--probe-hf-deepspeed", action="store_true", help="also try HF Trainer + DeepSpeed on CPU")
@@ -559,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             report["results"][strategy] = {}
             compare(strategy, data, work, systems, results=report["results"][strategy], on_result=save_partial)
         if args.probe_hf_deepspeed:
-            quick = prepare_data(work / "probe-data", quick=True)
-            report["hf_deepspeed_probe"] = probe_hf_deepspeed(quick, work)
+            report["hf_deepspeed_probe"] = probe_hf_deepspeed(probe_data(work / "probe-data"), work)
+            save_partial()
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.out:
