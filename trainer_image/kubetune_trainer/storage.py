@@ -23,6 +23,7 @@ Retry tuning (all optional) comes from ``KUBETUNE_STORAGE_RETRY_ATTEMPTS`` (8),
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
 import contextlib
 import logging
@@ -80,11 +81,11 @@ class Store(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def list(self, prefix: str) -> builtins.list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
-    def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]: ...
-    def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]: ...
+    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]: ...
+    def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]: ...
     def abort_incomplete_uploads(self, prefix: str) -> int: ...
 
 
@@ -115,7 +116,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based): half fixed, half random ("equal jitter")."""
         ceiling = min(self.max_seconds, self.base_seconds * (2 ** (attempt - 1)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not cryptography
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 - jitter, not cryptography
 
 
 def with_retries(
@@ -292,12 +293,12 @@ class S3Store:
             return False
         return True
 
-    def list(self, prefix: str) -> list[ObjectInfo]:
+    def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (a string prefix, as S3 defines it), sorted by key."""
         full_prefix = self._full_prefix(prefix)
 
-        def fetch() -> list[ObjectInfo]:
-            out = []
+        def fetch() -> builtins.list[ObjectInfo]:
+            out: builtins.list[ObjectInfo] = []
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 out.extend(ObjectInfo(self._rel(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
@@ -322,7 +323,7 @@ class S3Store:
                 ),
             )
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]:
+    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]:
         """Upload every file under ``local_dir`` to ``prefix/<relative path>``, files and parts in parallel.
 
         Files that fail are retried (whole file) with backoff; StorageUnavailable when they keep failing.
@@ -336,7 +337,7 @@ class S3Store:
         )
         return [ObjectInfo(_join(prefix, rel), path.stat().st_size) for rel, path in files]
 
-    def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
+    def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         """Download every object under ``prefix`` into ``local_dir`` (keys relative to ``prefix``)."""
         objects = self.list(prefix)
         base = prefix.rstrip("/")
@@ -381,16 +382,16 @@ class S3Store:
                         failures[key] = exc
             if not failures:
                 return
-            key, exc = next(iter(failures.items()))
-            if not _s3_transient(exc):
-                if isinstance(exc, ClientError) and self._not_found(exc):
-                    raise FileNotFoundError(f"{self.uri}/{key}: no such object") from exc
-                raise StorageError(f"{what} {key} ({self.uri}): {_describe(exc)}") from exc
+            key, first = next(iter(failures.items()))
+            if not _s3_transient(first):
+                if isinstance(first, ClientError) and self._not_found(first):
+                    raise FileNotFoundError(f"{self.uri}/{key}: no such object") from first
+                raise StorageError(f"{what} {key} ({self.uri}): {_describe(first)}") from first
             if attempt >= self.retry.attempts:
                 raise StorageUnavailable(
                     f"{what} of {len(failures)} object(s) under {self.uri} still failing after {attempt} attempts: "
-                    f"{key}: {_describe(exc)}"
-                ) from exc
+                    f"{key}: {_describe(first)}"
+                ) from first
             delay = self.retry.delay(attempt)
             log.warning(
                 "%s of %d object(s) under %s failed (attempt %d/%d, retrying in %.1fs): %s",
@@ -400,7 +401,7 @@ class S3Store:
                 attempt,
                 self.retry.attempts,
                 delay,
-                _describe(exc),
+                _describe(first),
             )
             time.sleep(delay)
             remaining = {k: remaining[k] for k in failures}
@@ -459,7 +460,7 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _atomic_write(self, path: Path, write: Callable[[Path], None]) -> None:
+    def _atomic_write(self, path: Path, write: Callable[[Path], object]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}{_LOCAL_TMP_MARK}{uuid.uuid4().hex}")
         try:
@@ -494,7 +495,7 @@ class LocalStore:
         """True when the object exists."""
         return self._path(key).is_file()
 
-    def list(self, prefix: str) -> list[ObjectInfo]:
+    def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (string prefix, as in S3), sorted by key."""
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not start.is_dir():
@@ -520,14 +521,14 @@ class LocalStore:
             if target is not None and target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]:
+    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]:
         """Copy every file under ``local_dir`` to ``prefix/<relative path>`` (in parallel)."""
         files = _walk_files(local_dir)
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda item: self.put_file(item[1], _join(prefix, item[0])), files))
         return [ObjectInfo(_join(prefix, rel), path.stat().st_size) for rel, path in files]
 
-    def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
+    def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         """Copy every object under ``prefix`` into ``local_dir``."""
         base = prefix.rstrip("/")
         out = []

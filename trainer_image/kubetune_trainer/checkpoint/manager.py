@@ -408,12 +408,12 @@ class CheckpointManager:
                 checked = (None, str(exc))
             except StorageUnavailable as exc:
                 checked = (None, f"{_UNAVAILABLE}{exc}")
-        raw, problem = self._broadcast(checked)  # type: ignore[misc]
+        agreed, problem = self._broadcast(checked)  # type: ignore[misc]
         if problem is not None and problem.startswith(_UNAVAILABLE):
             raise StorageUnavailable(problem[len(_UNAVAILABLE) :])
-        if problem is not None or raw is None:
+        if problem is not None or agreed is None:
             return None, None, problem or "manifest unreadable"
-        manifest = Manifest.from_json(raw)
+        manifest = Manifest.from_json(agreed)
         load_dir: Path | None = None
         error: str | None = None
         try:
