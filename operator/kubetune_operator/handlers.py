@@ -188,16 +188,29 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
         if type == "DELETED":
             context.metrics.forget(f"{namespace or 'default'}/{name}")
 
+    # A child that was just ADDED tells nothing new (the operator created the Job; a new pod is
+    # Pending): skipping those saves a reconcile per child at scale.  Initial listings after a
+    # restart arrive without a type and are covered by the resume handler anyway.
     @kopf.on.event("batch", "v1", "jobs", labels=children, registry=registry)
-    async def attempt_job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def attempt_job_event(
+        type: str | None,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        **_: Any,
+    ) -> None:
         key = _owner_key(namespace, labels)
-        if key is not None:
+        if key is not None and type != "ADDED":
             await reconciler.run_quietly(key)
 
     @kopf.on.event("", "v1", "pods", labels=children, registry=registry)
-    async def pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def pod_event(
+        type: str | None,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        **_: Any,
+    ) -> None:
         key = _owner_key(namespace, labels)
-        if key is not None:
+        if key is not None and type != "ADDED":
             await reconciler.run_quietly(key)
 
     @kopf.timer(

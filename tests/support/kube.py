@@ -701,9 +701,14 @@ class JobController:
     ) -> None:
         """Pod ``index`` fails; the podFailurePolicy fails the Job and the other pods are killed."""
         job = self.client.get("batch/v1", "jobs", namespace, job_name)
-        for pod in pods if pods is not None else self.job_pods(namespace, job_name):
-            pod_index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
-            if pod_index == index:
+        pods = pods if pods is not None else self.job_pods(namespace, job_name)
+
+        def index_of(pod: Mapping[str, Any]) -> int:
+            return int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
+
+        # The failing pod first; the Job controller kills the rest of the gang afterwards.
+        for pod in sorted(pods, key=lambda p: index_of(p) != index):
+            if index_of(pod) == index:
                 self._terminate(pod, exit_code, message)
             else:
                 self._terminate(pod, others_exit, None)
