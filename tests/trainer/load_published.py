@@ -51,11 +51,24 @@ def main():
             model, kind = load(entry)
             sample = load_file(entry["sample"])
             expected = sample.pop("logits")
+            labels = sample.pop("kubetune_labels")
             with torch.no_grad():
                 logits = model(**sample).logits.float()
             if logits.shape != expected.shape:
                 raise ValueError(f"logits shape {tuple(logits.shape)} != trainer's {tuple(expected.shape)}")
             results[entry["name"]] = {"max_abs_diff": float((logits - expected).abs().max()), "published_as": kind}
+            if entry["task"] == "masked-lm":
+                # The same masked batch through the untouched pretrained model: the loss before training.
+                base = AUTO["masked-lm"].from_pretrained(entry["base"]).eval()
+                with torch.no_grad():
+                    before = base(**sample).logits.float()
+                ce = torch.nn.functional.cross_entropy
+                results[entry["name"]]["loss_before"] = float(
+                    ce(before.reshape(-1, before.shape[-1]), labels.reshape(-1))
+                )
+                results[entry["name"]]["loss_after"] = float(
+                    ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+                )
         except Exception as error:  # reported per entry; the test names the failing one
             results[entry["name"]] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(results))

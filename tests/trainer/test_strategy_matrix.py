@@ -290,7 +290,11 @@ def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
         assert all(float(l2sp) > 0 for _, _, l2sp in components[1:]) == (case.variant == "objective")
     losses = _losses(directory / "train.log")
     assert len(losses) == STEPS
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
+    if case.task != Task.MASKED_LM:
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
+    # Masked-LM training losses are dominated by which tokens each step masks; the
+    # deterministic check is the held-out masked batch, before (pretrained) and after
+    # (published model), in the fresh interpreter below.
 
     output = directory / "output"
     report = json.loads((output / "kubetune-metrics.json").read_text())
@@ -322,6 +326,8 @@ def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
     loaded = matrix.loaded[case.id]
     assert "error" not in loaded, loaded
     assert loaded["max_abs_diff"] < 1e-4, loaded
+    if case.task == Task.MASKED_LM:
+        assert loaded["loss_after"] < loaded["loss_before"], (loaded, losses)
     if case.variant == "merged":  # the merged full weights give the same logits as base + adapter
         merged = matrix.loaded[f"{case.id}/merged"]
         assert "error" not in merged, merged

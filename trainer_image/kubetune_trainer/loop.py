@@ -393,7 +393,10 @@ def evaluate(
             inputs, target = objective.model_inputs(batch, generator)
             logits = engine(**inputs).logits
             if sample is None and dist.rank == 0:
-                sample = {k: v.clone() for k, v in inputs.items()} | {"logits": logits.detach().float().clone()}
+                sample = {k: v.clone() for k, v in inputs.items()} | {
+                    "logits": logits.detach().float().clone(),
+                    "kubetune_labels": target.clone(),  # what the logits are scored against (masked-LM: masked ids)
+                }
             if not real:
                 continue
             aligned_logits, aligned = objective.task_logits_labels(logits, target)
