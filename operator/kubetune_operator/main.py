@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import kopf
 from kubetune_operator.apply import MetricsUrlFn, default_metrics_url
 from kubetune_operator.handlers import Context, configure_kopf, register
 from kubetune_operator.metrics import OperatorMetrics, start_metrics_server
-from kubetune_operator.settings import OperatorSettings, load_settings
+from kubetune_operator.settings import OperatorSettings, SettingsError, load_settings
 
 logger = logging.getLogger("kubetune.operator")
 
@@ -76,6 +77,11 @@ async def operator_task(
     register(registry, context)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings)
+    # Peering by name but not mandatory: with kopf's peering CRDs installed (the chart ships them
+    # and the peering object) replicas coordinate; without them a single replica still works
+    # instead of pausing forever.
+    kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.mandatory = False
     runner = await start_metrics_server(context.metrics, settings.metrics_port) if serve_metrics else None
     standalone = settings.standalone
     try:
@@ -86,7 +92,7 @@ async def operator_task(
             namespaces=settings.watch_namespaces,
             standalone=standalone,
             priority=None if standalone else peering_priority(settings),
-            peering_name=None if standalone else settings.peering_name,
+            peering_name=None,  # set above, non-mandatory
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if serve_metrics else None,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
@@ -147,8 +153,13 @@ def run_operator(settings: OperatorSettings | None = None) -> None:
 
 
 def main() -> None:
-    """``python -m kubetune_operator.main``."""
-    run_operator()
+    """``python -m kubetune_operator.main``: exits 2 with the offending variable on bad settings."""
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"kubetune-operator: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_operator(settings)
 
 
 if __name__ == "__main__":
