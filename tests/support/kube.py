@@ -208,6 +208,37 @@ class Emulator(kmock.KubernetesEmulator):
 
     # ----------------------------------------------------------------- request handling
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock cannot parse /api/v1/namespaces (it reads "namespaces" as a namespace prefix);
+        # kopf lists and watches it when it serves selected namespaces.
+        if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        watching = raw_request.query.get("watch", "").lower() in ("true", "1")
+        agent = raw_request.headers.get("User-Agent", "")
+        self.calls.append(RecordedCall("", "namespaces", "watch" if watching else "list", "", agent))
+        items = [
+            obj.raw
+            for (resource, _ns, _name), obj in list(self._objects.items())
+            if resource.plural == "namespaces" and not obj.deleted
+        ]
+        if not watching:
+            return aiohttp.web.json_response(
+                {
+                    "apiVersion": "v1",
+                    "kind": "NamespaceList",
+                    "metadata": {"resourceVersion": str(self.rv)},
+                    "items": items,
+                }
+            )
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        # Namespaces never change in these tests: keep the stream open until the client's timeout.
+        await asyncio.sleep(float(raw_request.query.get("timeoutSeconds", "300")))
+        return response
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         if request.resource is None or not request.resource.plural:  # discovery
             return await apps.RawHandler._handle(self, request)
