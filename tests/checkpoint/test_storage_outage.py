@@ -7,8 +7,6 @@ commits; a restart resumes from that last committed checkpoint.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -70,8 +68,7 @@ def test_server_killed_mid_upload_then_next_save_commits_and_restart_resumes(
             assert proc.wait(timeout=240) == 0, log_path.read_text()[-5000:]
         finally:
             if proc.poll() is None:  # torchrun and its workers: they wait for a file that may never come
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                tiny.kill_all(proc)
     first = log_path.read_text()
     assert "retrying in" in first  # backoff, then give up on step 20
     assert f"checkpoint {tag(20)} was NOT committed" in first  # noticed by the next save, training went on

@@ -12,7 +12,6 @@ ZeRO-2, a tiny BERT, moto S3 on loopback.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -143,7 +142,7 @@ def wait(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        tiny.kill_all(proc)
         raise AssertionError(f"trainer did not finish in {timeout}s:\n{log.read_text()[-5000:]}") from None
 
 
@@ -164,8 +163,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(s3: S3Endpoint, assets
             assert time.monotonic() < deadline, "run B never committed step 20"
             time.sleep(0.05)
     finally:
-        os.killpg(b.pid, signal.SIGKILL)  # launcher and both workers, no chance to clean up
-        b.wait()
+        tiny.kill_all(b)
     killed_at = max(losses(log_b1.read_text()))
     assert latest(s3, "run-b") == tag(20), f"killed too late (step {killed_at}): step 30 was committed"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -96,7 +96,7 @@ def run(
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(proc)
         log, _ = proc.communicate()
         raise AssertionError(f"{name} did not finish in {timeout}s:\n{log[-6000:]}") from None
     (tmp / name).mkdir(parents=True, exist_ok=True)
@@ -104,6 +104,24 @@ def run(
     if check:
         assert proc.returncode == 0, f"{name} failed with {proc.returncode}:\n{log[-6000:]}"
     return TinyRun(proc.returncode, log, out)
+
+
+def kill_all(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a launcher and all its workers at once, as a node failure would.
+
+    torchrun starts its workers in sessions of their own: killing the launcher's process group is not enough.
+    """
+    import psutil
+
+    try:
+        processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    proc.wait()
+    psutil.wait_procs(processes, timeout=30)
 
 
 def copy_prefix(endpoint: S3Endpoint, source: str, target: str) -> None:
