@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for reconciliation")
     args = parser.parse_args(argv)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    results = [run_size(int(size), args.rate, args.timeout) for size in args.sizes.split(",") if size.strip()]
+    results = []
+    for size in (int(text) for text in args.sizes.split(",") if text.strip()):
+        results.append(run_size(size, args.rate, args.timeout))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress while larger sizes run
     print(json.dumps({"benchmark": "operator_scale", "results": results}, indent=2))
     return 0
 
