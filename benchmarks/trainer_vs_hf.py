@@ -166,6 +166,7 @@ def hf_worker(args: argparse.Namespace) -> None:
             "world_size": training_args.world_size,
             "parallel_mode": str(training_args.parallel_mode),
             "optim": str(training_args.optim),
+            "deepspeed": bool(getattr(trainer, "is_deepspeed_enabled", False)),
             "torch_threads": torch.get_num_threads(),
             # Evaluation runs inside train() and counts in its runtime; kubetune's
             # figure counts optimizer steps only, so the comparable rate removes it.
@@ -206,8 +207,8 @@ def run_hf(strategy: str, data: dict[str, Any], work: Path, *, deepspeed_config:
     return {
         "ok": True,
         "mode": (
-            f"transformers.Trainer, DDP on gloo, {summary['world_size']} processes ({summary['parallel_mode']}), "
-            f"optimizer {summary.get('optim')}"
+            f"transformers.Trainer, {'DeepSpeed' if summary.get('deepspeed') else 'DDP'} on gloo, "
+            f"{summary['world_size']} processes ({summary['parallel_mode']}), optimizer {summary.get('optim')}"
         ),
         "train_samples_per_second": round(samples / train_only, 3) if train_only > 0 else None,
         "train_samples_per_second_as_reported": summary["train_metrics"]["train_samples_per_second"],
@@ -504,6 +505,7 @@ def probe_hf_deepspeed(data: dict[str, Any], work: Path) -> dict[str, Any]:
         # Did it really run 2 DeepSpeed ranks, or fall back to one process?
         summary = read_json(work / "probe" / "hf-full" / "hf-summary.json") or {}
         result["mode"] = f"{result.get('mode')}; world_size {summary.get('world_size')}"
+        result["deepspeed_enabled"] = summary.get("deepspeed")
     return {k: result.get(k) for k in keep if k in result}
 
 
