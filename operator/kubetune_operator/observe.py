@@ -50,6 +50,7 @@ class AttemptState:
     attempt: int
     name: str
     owned: bool  # owned by this FineTuneJob (uid matches)
+    stale_owner: bool  # owned by an earlier FineTuneJob of the same name (garbage collection pending)
     suspended: bool
     queued: bool  # carries Kueue's queue-name label
     active: int
@@ -145,6 +146,11 @@ def attempt_state(
     conditions = _conditions(job)
     owners = metadata.get("ownerReferences") or []
     owned = owner_uid is None or any(ref.get("uid") == owner_uid for ref in owners)
+    name = str(metadata.get("name", ""))
+    stale_owner = not owned and any(
+        ref.get("kind") == "FineTuneJob" and names.attempt_of(name, str(ref.get("name", ""))) is not None
+        for ref in owners
+    )
     failed_condition = conditions.get("Failed")
     failed = bool(failed_condition and failed_condition.get("status") == "True")
     complete_condition = conditions.get("Complete")
@@ -156,6 +162,7 @@ def attempt_state(
         attempt=attempt,
         name=str(metadata.get("name", "")),
         owned=owned,
+        stale_owner=stale_owner,
         suspended=bool(spec.get("suspend")),
         queued=KUEUE_QUEUE_LABEL in (metadata.get("labels") or {}),
         active=int(status.get("active") or 0),

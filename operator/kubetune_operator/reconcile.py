@@ -313,6 +313,10 @@ def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
         _fail(st, plan, c.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
         return _finish_plan(plan, st, old)
 
+    if current is not None and not current.owned and (current.stale_owner or current.deleting):
+        # A FineTuneJob of this name was deleted and recreated: wait for the old Job's GC.
+        plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
+        return _finish_plan(plan, st, old)
     if current is not None and not current.owned:
         _fail(
             st,

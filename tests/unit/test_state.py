@@ -349,6 +349,15 @@ def test_foreign_job_with_our_name_is_not_adopted() -> None:
     assert cond(plan, ConditionType.FAILED)["reason"] == "AttemptNameTaken"
 
 
+def test_job_of_a_deleted_namesake_is_waited_for() -> None:
+    stale = job_obj(1, owner="old-uid")
+    stale["metadata"]["ownerReferences"][0].update({"kind": "FineTuneJob", "name": NAME})
+    plan = run(make_job(), None, [stale])
+    assert plan.create_attempt is None
+    assert plan.requeue_after is not None
+    assert get_condition(plan.status["conditions"], ConditionType.FAILED) is None
+
+
 def test_older_attempts_are_deleted() -> None:
     status = running_status(attempt=2, restarts=1)
     plan = run(make_job(), status, [job_obj(1), job_obj(2)], [pod_obj(2, 0), pod_obj(2, 1)])
