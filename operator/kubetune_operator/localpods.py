@@ -12,6 +12,7 @@ mapped to loopback and the pod's ports mapped to free local ports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from kubetune_trainer.spec import runtime as rt
 
@@ -196,6 +199,7 @@ class LocalPod:
 
     def __init__(self, launch: PodLaunch, *, log_path: Path | None = None, cwd: Path | None = None) -> None:
         self.launch = launch
+        self._descendants: list[psutil.Process] = []
         self._log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed in wait/close)
         self.process = subprocess.Popen(  # noqa: S603 (argv from our own builder, never a shell)
             launch.argv,
@@ -220,16 +224,32 @@ class LocalPod:
 
     def signal(self, signum: int) -> None:
         """Signal the pod as the kubelet signals a container: SIGTERM goes to the main
-        process only (the launcher forwards it to the ranks), SIGKILL to every process."""
-        if self.process.poll() is not None:
+        process only (the launcher forwards it to the ranks); SIGKILL ends every process
+        the pod started, as a container's cgroup does (torchrun gives its workers their
+        own sessions, so a process-group kill would miss them)."""
+        if self.process.poll() is not None and signum != signal.SIGKILL:
+            return
+        if signum != signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signum)
             return
         try:
-            if signum == signal.SIGKILL:
-                os.killpg(self.process.pid, signum)
-            else:
-                os.kill(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
+            tree = [psutil.Process(self.process.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        tree += [p for p in self._descendants if p not in tree]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+    def remember_descendants(self) -> None:
+        """Note the pod's current processes, so a later SIGKILL also reaches ranks whose
+        launcher already died (orphans are re-parented and no longer its children)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                if child not in self._descendants:
+                    self._descendants.append(child)
 
     def stop(self, grace_seconds: float) -> int:
         """SIGTERM, then SIGKILL after the grace period; the exit code."""

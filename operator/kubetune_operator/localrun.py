@@ -152,6 +152,9 @@ class LocalRun:
             task = bar.add_task(self.job.metadata.name, total=None, steps="-", loss="-", rate="-", eta="-")
             while True:
                 codes = [pod.exit_code for pod in self.pods]
+                for pod, code in zip(self.pods, codes, strict=True):
+                    if code is None:
+                        pod.remember_descendants()
                 failed = [pod for pod, code in zip(self.pods, codes, strict=True) if code not in (None, 0)]
                 if failed:
                     return self._fail(failed[0])

@@ -182,6 +182,9 @@ class ProcessKubelet:
                 job.finished = True
                 continue
             if not job.finished:
+                for pod in job.pods.values():
+                    if pod.exit_code is None:
+                        pod.remember_descendants()
                 self._report(obj, job)
 
     # -- pods ------------------------------------------------------------------------
