@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -84,6 +85,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_size(size: int, rate: float, timeout: float) -> dict[str, Any]:
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     with EmulatorServer([NAMESPACE]) as cluster, tempfile.TemporaryDirectory() as tmp:
         client = cluster.client()
         kubeconfig = cluster.write_kubeconfig(Path(tmp) / "kubeconfig")
@@ -134,6 +136,8 @@ def run_size(size: int, rate: float, timeout: float) -> dict[str, Any]:
             all_done = time.monotonic()
             done = reconciled()
             peak_mb, cpu = proc_stats(operator.pid)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            emulator_cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
             latencies = [
                 emulator.created_at[(("batch", "jobs"), NAMESPACE, f"{name}-a1")]
                 - emulator.created_at[(ftj_key, NAMESPACE, name)]
@@ -159,6 +163,11 @@ def run_size(size: int, rate: float, timeout: float) -> dict[str, Any]:
             "all_reconciled_seconds": round(all_done - started, 2),
             "operator_peak_rss_mb": round(peak_mb, 1),
             "operator_cpu_seconds": round(cpu, 2),
+            # The API emulator and the load generator share this process: when this is close to
+            # all_reconciled_seconds the emulator, not the operator, is the bottleneck.
+            "emulator_cpu_seconds": round(emulator_cpu, 2),
+            "load_average_1m": round(os.getloadavg()[0], 1),
+            "cpu_count": os.cpu_count(),
         }
 
 
