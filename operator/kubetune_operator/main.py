@@ -77,11 +77,10 @@ async def operator_task(
     register(registry, context)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings)
-    # Peering by name but not mandatory: with kopf's peering CRDs installed (the chart ships them
-    # and the peering object) replicas coordinate; without them a single replica still works
-    # instead of pausing forever.
-    kopf_settings.peering.name = settings.peering_name
-    kopf_settings.peering.mandatory = False
+    # Peering is mandatory unless standalone: a replica stays paused until it has seen its peers,
+    # so two replicas never both act at start-up.  kopf's peering CRDs and the peering object
+    # must exist (the chart ships them); a single replica without them runs with
+    # KUBETUNE_STANDALONE=true.
     runner = await start_metrics_server(context.metrics, settings.metrics_port) if serve_metrics else None
     standalone = settings.standalone
     try:
@@ -92,7 +91,7 @@ async def operator_task(
             namespaces=settings.watch_namespaces,
             standalone=standalone,
             priority=None if standalone else peering_priority(settings),
-            peering_name=None,  # set above, non-mandatory
+            peering_name=None if standalone else settings.peering_name,
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if serve_metrics else None,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
