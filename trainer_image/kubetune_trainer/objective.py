@@ -364,10 +364,10 @@ def apply_dropout_override(model_config: Any, p: float | None) -> list[str]:
     """Set every dropout probability field the transformers config has to ``p``.
 
     Call on the config before the model is built (dropout modules read it at
-    construction).  Fields are taken from :data:`DROPOUT_CONFIG_FIELDS`; only
-    those present (and not ``None``-valued classifier fields left to inherit
-    from the hidden dropout — those are set too, so the head uses ``p``) are
-    changed.  Returns the names of the fields set; ``p=None`` changes nothing.
+    construction).  Every field of :data:`DROPOUT_CONFIG_FIELDS` the config
+    has is set, including ``classifier_dropout`` when it is ``None`` (which
+    would otherwise inherit the hidden dropout), so the head uses ``p`` too.
+    Returns the names of the fields set; ``p=None`` changes nothing.
     """
     if p is None:
         return []
