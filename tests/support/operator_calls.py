@@ -45,7 +45,7 @@ def _manifest(name: str, namespace: str, **run_policy: Any) -> dict[str, Any]:
 
 
 def record_operator_calls(
-    namespace: str = "ml", watch_namespaces: list[str] | None = None, timeout: float = 30.0
+    namespace: str = "ml", watch_namespaces: list[str] | None = None, timeout: float = 90.0
 ) -> set[tuple[str, str, str]]:
     """Run a lifecycle (create, run, progress timer, success, retryable failure and restart,
     suspend/resume, deletion, TTL, events, peering, status patches) and return the
