@@ -68,7 +68,8 @@ STRATEGY_TASKS: dict[StrategyType, tuple[Task, ...]] = {
     StrategyType.ADALORA: tuple(Task),
     StrategyType.IA3: tuple(Task),
     StrategyType.ADAPTER: tuple(Task),
-    StrategyType.PREFIX: (Task.SEQUENCE_CLASSIFICATION, Task.TOKEN_CLASSIFICATION, Task.CAUSAL_LM),
+    # PEFT's prefix tuning feeds past_key_values, which no transformers 5 classification forward accepts.
+    StrategyType.PREFIX: (Task.CAUSAL_LM,),
     StrategyType.PROMPT: (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
 }
 PEFT_MERGEABLE = (StrategyType.LORA, StrategyType.ADALORA, StrategyType.IA3)
@@ -698,7 +699,7 @@ class FineTuneJobSpec(KubeModel):
                 "self.strategy.type != 'prefix' || self.model.task in "
                 + _cel_list(tuple(t.value for t in STRATEGY_TASKS[StrategyType.PREFIX]))
             ),
-            message="prefix tuning supports sequence-classification, token-classification and causal-lm",
+            message="prefix tuning supports causal-lm only (use prompt or lora for classification)",
             field="strategy.type",
             check=lambda s: (
                 s.strategy.type != StrategyType.PREFIX or s.model.task in STRATEGY_TASKS[StrategyType.PREFIX]
@@ -723,6 +724,12 @@ class FineTuneJobSpec(KubeModel):
             message="an auxiliary self-supervised loss applies to classification tasks only",
             field="objective.auxiliary",
             check=lambda s: s.objective.auxiliary is None or s.model.task in CLASSIFICATION_TASKS,
+        ),
+        Rule(
+            cel="self.strategy.type != 'adalora' || self.deepspeed.zeroStage != 3",
+            message="adalora's budget update needs full parameters and gradients on every rank; use zeroStage 0, 1 or 2",
+            field="strategy.type",
+            check=lambda s: s.strategy.type != StrategyType.ADALORA or s.deepspeed.zero_stage != 3,
         ),
         Rule(
             cel="self.objective.regularization.l2sp == 0.0 || self.deepspeed.zeroStage != 3",
