@@ -65,11 +65,6 @@ class Case:
         return "gpt2" if self.task == Task.CAUSAL_LM else "bert"
 
 
-# PEFT's classification wrappers pass the prefix as past_key_values to the model or
-# its backbone, and no transformers 5 model forward (BERT, GPT-2, Llama) names that
-# argument any more: the trainer must refuse these combinations up front with a
-# permanent InvalidModel (the spec still allows them: a spec change is proposed).
-UNSUPPORTED = {("prefix", Task.SEQUENCE_CLASSIFICATION.value), ("prefix", Task.TOKEN_CLASSIFICATION.value)}
 NOT_IMPLEMENTED: set[str] = set()
 
 ALL_CASES = [
@@ -270,13 +265,6 @@ def test_strategy_matrix(request: pytest.FixtureRequest, case: Case) -> None:
     matrix: Matrix = request.getfixturevalue("matrix")
     directory = matrix.root / case.id
     termination = json.loads((directory / "termination.json").read_text())
-    if (case.strategy, case.task) in UNSUPPORTED:
-        assert termination["reason"] == "InvalidModel", termination
-        assert termination["exitCode"] == 12, termination
-        assert "past_key_values" in termination["message"]
-        assert (directory / "exit-0").read_text() == "12"
-        assert (directory / "exit-1").read_text() == "12"
-        return
     assert termination["reason"] == "Succeeded", (termination, (directory / "train.log").read_text()[-3000:])
     assert (directory / "exit-0").read_text() == "0"
     assert (directory / "exit-1").read_text() == "0"
