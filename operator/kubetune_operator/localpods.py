@@ -200,6 +200,7 @@ class LocalPod:
     def __init__(self, launch: PodLaunch, *, log_path: Path | None = None, cwd: Path | None = None) -> None:
         self.launch = launch
         self._descendants: list[psutil.Process] = []
+        self._terminating = False
         self._log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed in wait/close)
         self.process = subprocess.Popen(  # noqa: S603 (argv from our own builder, never a shell)
             launch.argv,
@@ -230,6 +231,10 @@ class LocalPod:
         if self.process.poll() is not None and signum != signal.SIGKILL:
             return
         if signum != signal.SIGKILL:
+            if signum == signal.SIGTERM:
+                if self._terminating:
+                    return  # the kubelet sends SIGTERM once; a second one would cut the checkpoint short
+                self._terminating = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signum)
             return

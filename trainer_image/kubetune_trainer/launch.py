@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+import psutil
+
 from kubetune_trainer.errors import read_termination, write_termination
 from kubetune_trainer.spec.runtime import ExitCode, is_permanent_failure
 
@@ -65,8 +67,6 @@ class _SigtermForwarder:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        import psutil
-
         first = not self.received
         self.received = True
         children = psutil.Process().children(recursive=False)
