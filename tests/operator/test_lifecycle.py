@@ -211,7 +211,7 @@ def test_deletion_cascades_and_nothing_is_recreated(
     create(client, job_manifest("t-delete"))
     wait_phase(client, "t-delete", "Running")
     client.delete(*FTJ, NAMESPACE, "t-delete")
-    wait_for(lambda: client.ftj(NAMESPACE, "t-delete") is None, 2 * TIMEOUT, what="FineTuneJob gone")
+    wait_for(lambda: client.ftj(NAMESPACE, "t-delete") is None, TIMEOUT, what="FineTuneJob gone")
     wait_for(lambda: not job_names(client, "t-delete"), TIMEOUT, what="children collected")
     time.sleep(1.0)
     assert not job_names(client, "t-delete")
