@@ -21,11 +21,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune_trainer import data as data_mod
 from kubetune_trainer.config import spec_hash
-from kubetune_trainer.errors import InvalidSpec, NonFiniteLoss, StorageUnavailable, write_termination
+from kubetune_trainer.errors import InvalidData, InvalidSpec, NonFiniteLoss, StorageUnavailable, write_termination
 from kubetune_trainer.spec import FineTuneJob, FineTuneJobSpec, StrategyType, Task
 from kubetune_trainer.spec.runtime import DEFAULT_WORK_DIR, ENV_WORK_DIR, ExitCode
 
@@ -105,8 +105,8 @@ def _init_distributed() -> Dist:
     # reports, DeepSpeed info) only when something is wrong.
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -164,7 +164,7 @@ def _fetch_data(uri: str, spec: FineTuneJobSpec, work_dir: Path, dist: Dist) -> 
             parent, _, name = uri.rpartition("/")
             store = storage.open_store(parent, endpoint=spec.checkpoint.endpoint, region=spec.checkpoint.region)
             if not store.exists(name):
-                raise data_mod.InvalidData(f"{uri}: file not found")
+                raise InvalidData(f"{uri}: file not found")
             store.get_file(name, target)
         except storage.StorageUnavailable as exc:
             error = StorageUnavailable(f"{uri}: object storage unavailable ({exc})")
@@ -194,7 +194,7 @@ def _load_data(
         val_display = ds.validation
     elif ds.validation_split:
         if not train_records:
-            raise data_mod.InvalidData(f"{ds.train}: no examples (empty dataset)")
+            raise InvalidData(f"{ds.train}: no examples (empty dataset)")
         train_records, val_records = data_mod.split_validation(train_records, ds.validation_split, spec.training.seed)
         val_display = ds.train
     else:
@@ -237,7 +237,9 @@ def _load_data(
         return encoded
     dist.barrier()
     if cache.exists():
-        return pickle.loads(cache.read_bytes())  # noqa: S301 (written by this node's rank 0 moments ago)
+        # written by this node's rank 0 moments ago
+        cached: tuple[list[data_mod.Example], list[data_mod.Example]] = pickle.loads(cache.read_bytes())  # noqa: S301
+        return cached
     return encode()
 
 
@@ -273,8 +275,8 @@ class Objective:
                 generator=generator,
             )
             inputs["input_ids"] = masked
-            return inputs, labels
-        return inputs, batch["labels"]
+            return cast(dict[str, Any], inputs), labels
+        return cast(dict[str, Any], inputs), batch["labels"]
 
     def auxiliary_inputs(self, batch: dict[str, Any], generator: Any) -> tuple[dict[str, Any], Any]:
         """Inputs for the auxiliary LM head and their labels (none when there is no auxiliary loss)."""
@@ -512,7 +514,7 @@ def run(job: FineTuneJob) -> ExitCode:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
         # Must stay referenced until the model exists: transformers then builds it under zero.Init.
-        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]
     _seed(spec.training.seed)  # same initial weights (heads, adapters) on every rank
     backbone = load_backbone(spec, backbone_dir, labels)
     prepared = apply_strategy(

@@ -727,7 +727,7 @@ class FineTuneJobSpec(KubeModel):
         ),
         Rule(
             cel="self.strategy.type != 'adalora' || self.deepspeed.zeroStage != 3",
-            message="adalora's budget update needs full parameters and gradients on every rank; use zeroStage 0, 1 or 2",
+            message="adalora's rank budget needs full parameters and gradients on every rank; use zeroStage 0-2",
             field="strategy.type",
             check=lambda s: s.strategy.type != StrategyType.ADALORA or s.deepspeed.zero_stage != 3,
         ),

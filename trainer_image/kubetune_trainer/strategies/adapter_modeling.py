@@ -36,7 +36,8 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.up(self.act(self.down(hidden)))
+        out: torch.Tensor = hidden + self.up(self.act(self.down(hidden)))
+        return out
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList:
@@ -62,8 +63,8 @@ def _hook(block: nn.Module, args: Any, output: Any) -> Any:
 
 def add_adapters(model: nn.Module, reduction_factor: int, non_linearity: str) -> list[nn.Module]:
     """Insert an adapter after every block; returns the adapters (their parameters are the new ones)."""
-    hidden = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)  # type: ignore[union-attr]
-    adapters = []
+    hidden = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)  # type: ignore[union-attr, arg-type]
+    adapters: list[nn.Module] = []
     for block in layer_stack(model):
         adapter = BottleneckAdapter(hidden, reduction_factor, non_linearity)
         block.add_module(ADAPTER_ATTRIBUTE, adapter)
@@ -75,7 +76,7 @@ def add_adapters(model: nn.Module, reduction_factor: int, non_linearity: str) ->
 def with_adapters(base: type) -> type:
     """A subclass of the transformers class ``base`` whose instances carry adapters from their config."""
 
-    class WithBottleneckAdapters(base):  # type: ignore[misc, valid-type]
+    class WithBottleneckAdapters(base):  # type: ignore[misc]
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(config, *args, **kwargs)
             settings = getattr(config, CONFIG_KEY)

@@ -44,7 +44,7 @@ def lora_config(settings: LoraConfig, ctx: StrategyContext) -> Any:
     return peft.LoraConfig(
         task_type=task_type(ctx.task),
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; any positive scale works
         lora_dropout=settings.dropout,
         target_modules=_targets(settings.target_modules),
         bias=settings.bias,
@@ -64,7 +64,7 @@ def adalora_config(settings: AdaLoraConfig, ctx: StrategyContext) -> Any:
         task_type=task_type(ctx.task),
         init_r=settings.init_r,
         target_r=settings.target_r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; any positive scale works
         lora_dropout=settings.dropout,
         target_modules=_targets(settings.target_modules),
         tinit=tinit,
