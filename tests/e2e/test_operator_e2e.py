@@ -115,11 +115,11 @@ def operator(
         default_output_uri=s3.uri("models"),
         checkpoint_endpoint=s3.endpoint,
         credentials_secret=SECRET,
-        watch_namespaces=[NAMESPACE],
         metrics_port=free_port(),
         health_port=free_port(),
         peering_priority=100,
         progress_interval_seconds=1.0,
+        resync_interval_seconds=5.0,
     )
     handle = start_in_thread(
         settings, connection=kopf.ConnectionInfo(server=cluster.url), metrics_url=named_metrics_port
