@@ -5,7 +5,9 @@ SHELL := /bin/bash
 PY ?= .venv/bin/python
 SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image
 VENV_STAMP := .venv/.installed-stamp
-PYTEST_ARGS ?=
+# CI runs everything but the `slow` marker (real pretrained model on real data, 50-job restart
+# storms, long resume runs); `make test-slow` runs those.
+PYTEST_ARGS ?= -m "not slow"
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -55,8 +57,11 @@ lint: venv ## ruff, formatting, mypy and the import-layer contracts
 	$(SRC_PATH) $(PY) -m mypy
 	$(SRC_PATH) .venv/bin/lint-imports
 
-test: venv system-deps lint verify ## everything CI runs: lint, verify, the whole test suite
-	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS)
+test: venv system-deps lint verify ## everything CI runs: lint, verify, the test suite (without `slow`)
+	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS) --durations=25
+
+test-slow: venv system-deps ## the slow tests: MiniLM on MR, restart storms, resume equivalence, real-run dashboards
+	$(SRC_PATH) $(PY) -m pytest -m slow --durations=25
 
 DEMO_MODEL := .models/all-MiniLM-L6-v2
 
@@ -71,4 +76,4 @@ demo: venv $(DEMO_MODEL) ## fine-tune all-MiniLM-L6-v2 with LoRA on 2 local node
 bench: venv ## run the benchmarks and print their JSON
 	@for b in benchmarks/*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
 
-.PHONY: help venv system-deps crds chart generate verify images lint test demo bench
+.PHONY: help venv system-deps crds chart generate verify images lint test test-slow demo bench
