@@ -90,8 +90,9 @@ def _summary_table(message: dict[str, Any], wall_seconds: float) -> Table:
     table = Table(title="kubetune run", show_header=False)
     for metric, value in sorted((message.get("evaluation") or {}).items()):
         table.add_row(f"eval {metric}", f"{value:.4f}" if isinstance(value, float) else str(value))
-    if message.get("output"):
-        table.add_row("output", str(message["output"]))
+    output = message.get("output") or {}
+    if output:
+        table.add_row("output", str(output.get("uri", output) if isinstance(output, dict) else output))
     checkpoint = message.get("checkpoint") or {}
     if checkpoint:
         table.add_row("checkpoint", f"{checkpoint.get('uri', '')} (step {checkpoint.get('step')})")
@@ -144,7 +145,7 @@ class LocalRun:
             TextColumn("{task.fields[steps]} steps"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[rate]} samples/s"),
-            TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("done ~{task.fields[eta]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
