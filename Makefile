@@ -48,8 +48,8 @@ IMAGE_REGISTRY ?= ghcr.io/kubetune
 IMAGE_TAG ?= 0.1.0
 
 images: ## build the operator and trainer images (needs Docker; not part of CI)
-	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
-	docker build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .
+	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/kubetune-operator:$(IMAGE_TAG) .
+	docker build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/kubetune-trainer:$(IMAGE_TAG) .
 
 lint: venv ## ruff, formatting, mypy and the import-layer contracts
 	$(PY) -m ruff check .
