@@ -60,6 +60,8 @@ class Progress:
     early: dict[str, Any] = field(default_factory=dict)
     last_checkpoint_step: int | None = None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None  # the checkpoint step this run started from
+    fell_back_from: int | None = None  # a newer checkpoint that failed verification
 
 
 class _Sigterm:
@@ -583,7 +585,15 @@ def run(job: FineTuneJob) -> ExitCode:
             early.load(state.get("early_stopping", {}))
             progress.last_eval = dict(state.get("last_eval", {}))
             progress.last_checkpoint_step = progress.step
+            progress.resumed_from = progress.step
+            progress.fell_back_from = restored.fell_back_from
             _log(dist, f"resumed from {restored.uri} at step {progress.step}")
+            if restored.fell_back_from is not None:
+                _log(
+                    dist,
+                    f"checkpoint step-{restored.fell_back_from:08d} failed verification; "
+                    f"fell back to step-{progress.step:08d}",
+                )
 
     def client_state() -> dict[str, Any]:
         return {
@@ -773,9 +783,14 @@ def run(job: FineTuneJob) -> ExitCode:
             extra["output"] = {"uri": output_uri}
         if manager is not None and manager.committed_step is not None:
             extra["checkpoint"] = {"uri": spec.checkpoint.uri, "step": manager.committed_step}
-        write_termination(
-            "Succeeded", f"trained {progress.step} steps; published to {output_uri}", 0, overwrite=True, **extra
-        )
+        message = f"trained {progress.step} steps; published to {output_uri}"
+        if progress.resumed_from is not None:
+            extra["resumedFrom"] = progress.resumed_from
+            message += f"; resumed from step {progress.resumed_from}"
+        if progress.fell_back_from is not None:
+            extra["checkpointFallback"] = {"from": progress.fell_back_from, "to": progress.resumed_from}
+            message += f" (step {progress.fell_back_from} failed verification)"
+        write_termination("Succeeded", message, 0, overwrite=True, **extra)
     dist.barrier()
     return ExitCode.SUCCESS
 
@@ -791,8 +806,12 @@ def _preempt(dist: Dist, manager: Any, checkpoint: Any, progress: Progress) -> E
                 overwrite=True,
             )
         return ExitCode.RETRYABLE
+    started = time.monotonic()
     checkpoint()
     manager.finish()
+    _log(
+        dist, f"SIGTERM: checkpoint step-{progress.step:08d} saved and committed in {time.monotonic() - started:.1f} s"
+    )
     if dist.local_rank == 0:
         write_termination(
             "Preempted",
