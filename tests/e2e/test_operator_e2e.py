@@ -268,7 +268,10 @@ def test_killed_pod_restarts_the_gang_and_resumes(
     assert final["checkpoint"]["step"] >= resumed_step
 
 
-def test_missing_dataset_fails_permanently_with_the_path(operator: OperatorHandle, client: Client) -> None:
+def test_missing_dataset_fails_permanently_with_the_path(
+    operator: OperatorHandle, client: Client, assets: dict[str, Path]
+) -> None:
+    """The backbone is there (``assets``); only the training file is missing."""
     missing = "s3://kubetune-e2e/data/does-not-exist.jsonl"
     client.create("kubetune.io/v1alpha1", "finetunejobs", NAMESPACE, finetune_job("missing-data", train=missing))
     seen = follow(client, "missing-data", {"Succeeded", "Failed"})
