@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import kopf
 import pytest
 
+from kubetune_operator.localpods import local_base_env
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from kubetune_operator.settings import OperatorSettings
 from tests.e2e.kubelet import ProcessKubelet
@@ -95,7 +95,7 @@ def client(cluster: EmulatorServer) -> Client:
 @pytest.fixture(scope="module")
 def kubelet(cluster: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessKubelet]:
     # Pods see only what their spec gives them: no credentials leak in from the test's environment.
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base_env = {k: v for k, v in local_base_env(2).items() if not k.startswith("AWS_")}
     repo = Path(__file__).resolve().parents[2]
     base_env["PYTHONPATH"] = f"{repo / 'operator'}:{repo / 'trainer_image'}"
     base_env["OMP_NUM_THREADS"] = "1"
