@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -79,13 +78,6 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"all-MiniLM-L6-v2 not found in {path}")
     return path
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_model() -> str:

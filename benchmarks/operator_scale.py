@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kubetune_operator.localpods import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
@@ -38,12 +39,6 @@ from tests.support.kube import EmulatorServer  # noqa: E402 (path set up above)
 
 NAMESPACE = "bench"
 FTJ = ("kubetune.io/v1alpha1", "finetunejobs")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def manifest(name: str) -> dict[str, Any]:

@@ -192,18 +192,8 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     # Pending): skipping those saves a reconcile per child at scale.  Initial listings after a
     # restart arrive without a type and are covered by the resume handler anyway.
     @kopf.on.event("batch", "v1", "jobs", labels=children, registry=registry)
-    async def attempt_job_event(
-        type: str | None,
-        namespace: str | None,
-        labels: Mapping[str, str],
-        **_: Any,
-    ) -> None:
-        key = _owner_key(namespace, labels)
-        if key is not None and type != "ADDED":
-            await reconciler.run_quietly(key)
-
     @kopf.on.event("", "v1", "pods", labels=children, registry=registry)
-    async def pod_event(
+    async def child_event(
         type: str | None,
         namespace: str | None,
         labels: Mapping[str, str],

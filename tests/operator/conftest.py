@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import kopf
 import pytest
 import yaml
 
+from kubetune_operator.localpods import free_port
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from kubetune_operator.settings import OperatorSettings
 from tests.support.kube import Client, EmulatorServer, JobController
@@ -21,12 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
 NAMESPACE = "ml"
 FTJ = ("kubetune.io/v1alpha1", "finetunejobs")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fast_settings(**overrides: Any) -> OperatorSettings:

@@ -25,18 +25,13 @@ from typing import Any
 
 import pytest
 
+from kubetune_operator.localpods import free_port
+
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing-kubetune-key",
     "AWS_SECRET_ACCESS_KEY": "testing-kubetune-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_serving(port: int, timeout: float = 30.0) -> None:
