@@ -128,9 +128,10 @@ def _work_dir() -> Path:
     path = Path(os.environ.get(ENV_WORK_DIR, DEFAULT_WORK_DIR))
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".kubetune-probe"
-        probe.touch()
-        probe.unlink()
+        # A uniquely named probe: the node's ranks share this directory and start together,
+        # so a fixed name could be unlinked by one rank while another probes it.
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError:
         path = Path(tempfile.gettempdir()) / "kubetune-work"
         path.mkdir(parents=True, exist_ok=True)
