@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,38 @@ def test_large_file_and_directory_round_trip(store: Store, tmp_path: Path) -> No
     assert store.list("single") == [ObjectInfo("single", len(big))]
     # No temporary files are left next to the downloads.
     assert sorted(p.name for p in dst.rglob("*")) == ["big.bin", "small.txt", "sub"]
+
+
+def test_upload_with_move_leaves_a_stored_copy_that_outlives_the_local_files(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "staging"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"a" * 1000)
+    (src / "sub" / "b.bin").write_bytes(b"b" * 10)
+    uploaded = store.upload_dir(src, "ckpt/step-2", move=True)
+    assert uploaded == [ObjectInfo("ckpt/step-2/a.bin", 1000), ObjectInfo("ckpt/step-2/sub/b.bin", 10)]
+    shutil.rmtree(src)  # what the checkpoint manager does after the upload
+    assert store.get_bytes("ckpt/step-2/a.bin") == b"a" * 1000
+    assert store.get_bytes("ckpt/step-2/sub/b.bin") == b"b" * 10
+
+
+def test_local_store_move_links_on_the_same_filesystem_and_copies_otherwise(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "store"))
+    src = tmp_path / "staging"
+    src.mkdir()
+    (src / "shard").write_bytes(b"x" * 100)
+    store.upload_dir(src, "linked", move=True)
+    assert os.path.samefile(src / "shard", tmp_path / "store" / "linked" / "shard")  # written once, not twice
+    store.upload_dir(src, "copied")
+    assert not os.path.samefile(src / "shard", tmp_path / "store" / "copied" / "shard")
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        other = Path(tempfile.mkdtemp(dir=shm))
+        try:
+            (other / "shard").write_bytes(b"y" * 100)
+            store.upload_dir(other, "cross-device", move=True)  # EXDEV: falls back to a copy
+            assert store.get_bytes("cross-device/shard") == b"y" * 100
+        finally:
+            shutil.rmtree(other)
 
 
 def test_abort_incomplete_multipart_uploads(s3_server: S3Endpoint) -> None:

@@ -84,7 +84,7 @@ class Store(Protocol):
     def list(self, prefix: str) -> builtins.list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
-    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]: ...
+    def upload_dir(self, local_dir: Path, prefix: str, *, move: bool = False) -> builtins.list[ObjectInfo]: ...
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]: ...
     def abort_incomplete_uploads(self, prefix: str) -> int: ...
 
@@ -323,10 +323,11 @@ class S3Store:
                 ),
             )
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]:
+    def upload_dir(self, local_dir: Path, prefix: str, *, move: bool = False) -> builtins.list[ObjectInfo]:
         """Upload every file under ``local_dir`` to ``prefix/<relative path>``, files and parts in parallel.
 
         Files that fail are retried (whole file) with backoff; StorageUnavailable when they keep failing.
+        ``move`` (the caller drops the local files afterwards) changes nothing for S3.
         """
         files = _walk_files(local_dir)
         pending = {_join(prefix, rel): path for rel, path in files}
@@ -521,12 +522,26 @@ class LocalStore:
             if target is not None and target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]:
-        """Copy every file under ``local_dir`` to ``prefix/<relative path>`` (in parallel)."""
+    def upload_dir(self, local_dir: Path, prefix: str, *, move: bool = False) -> builtins.list[ObjectInfo]:
+        """Copy every file under ``local_dir`` to ``prefix/<relative path>`` (in parallel).
+
+        With ``move`` (the caller no longer needs the local files, as after a checkpoint upload) a file
+        on the same filesystem is hard-linked instead of copied: a checkpoint is written once, not twice.
+        """
         files = _walk_files(local_dir)
+        put = self._link_or_copy if move else self.put_file
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda item: self.put_file(item[1], _join(prefix, item[0])), files))
+            list(pool.map(lambda item: put(item[1], _join(prefix, item[0])), files))
         return [ObjectInfo(_join(prefix, rel), path.stat().st_size) for rel, path in files]
+
+    def _link_or_copy(self, local: Path, key: str) -> None:
+        def write(tmp: Path) -> None:
+            try:
+                os.link(local, tmp)
+            except OSError:  # another filesystem (EXDEV), or links not allowed: copy
+                shutil.copyfile(local, tmp)
+
+        self._atomic_write(self._path(key), write)
 
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         """Copy every object under ``prefix`` into ``local_dir``."""

@@ -223,7 +223,7 @@ class CheckpointManager:
             # Hash while uploading (hashlib releases the GIL): the checksums cost no extra wall time.
             with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as pool:
                 digests = [pool.submit(sha256_file, path) for path in files]
-                self.store.upload_dir(local_dir, prefix_of(tag))
+                self.store.upload_dir(local_dir, prefix_of(tag), move=True)  # staging is removed below
                 entries = [
                     FileEntry(path.relative_to(local_dir).as_posix(), path.stat().st_size, digest.result(), self.rank)
                     for path, digest in zip(files, digests, strict=True)
