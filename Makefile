@@ -74,6 +74,6 @@ demo: venv $(DEMO_MODEL) ## fine-tune all-MiniLM-L6-v2 with LoRA on 2 local node
 	$(SRC_PATH) .venv/bin/kubetune run examples/local/demo.yaml
 
 bench: venv ## run the benchmarks and print their JSON
-	@for b in benchmarks/*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
 
 .PHONY: help venv system-deps crds chart generate verify images lint test test-slow demo bench

@@ -1,0 +1,90 @@
+"""The benchmark scripts run end to end at a tiny size and print the JSON the README quotes.
+
+Figures are not asserted (speed belongs to the benchmarks, not to tests); that the scripts
+still work against the current code is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), str(REPO)]),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def _run(script: str, *args: str, timeout: float) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_operator_scale_reconciles_every_job_and_reports_latency_and_memory() -> None:
+    report = _run("operator_scale.py", "--sizes", "5", "--rate", "10", "--timeout", "60", timeout=180)
+    (result,) = report["results"]
+    assert result["jobs"] == result["reconciled"] == 5
+    assert 0 < result["latency_p50_seconds"] <= result["latency_p99_seconds"]
+    assert result["operator_peak_rss_mb"] > 10
+
+
+def test_checkpoint_io_compares_with_raw_transfers_and_times_sync_and_async_steps() -> None:
+    report = _run(
+        "checkpoint_io.py",
+        *("--params-m", "0.2", "--rows", "8", "--steps", "4", "--every", "2", "--repeats", "1"),
+        timeout=300,
+    )
+    for store in ("s3_moto_loopback", "file"):
+        assert report[store]["bytes"] > 0.2e6 * 4  # weights and optimizer state of 0.2 M fp32 parameters
+        assert report[store]["ratio_save_upload_commit_vs_raw"] > 0
+    overhead = report["step_overhead_s3_moto_loopback"]
+    assert {"overhead_sync", "overhead_async", "checkpoint_interval_seconds"} <= set(overhead)
+
+
+def test_trainer_vs_hf_builds_a_valid_job_for_each_strategy(tmp_path: Path) -> None:
+    # The full comparison takes tens of minutes; its kubetune side is the product's pod command
+    # on a FineTuneJob this builder writes, which must stay valid as the API evolves.
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        bench = importlib.import_module("trainer_vs_hf")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    data = {"paths": {name: str(tmp_path / f"{name}.jsonl") for name in ("train", "validation", "test")}}
+    for strategy in ("full", "lora"):
+        job = bench.kubetune_job(strategy, data, tmp_path)
+        assert job["spec"]["strategy"]["type"] == strategy
+        assert job["spec"]["training"]["epochs"] == bench.EPOCHS
+        assert job["spec"]["resources"]["processesPerNode"] == bench.NPROC
+    help_text = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "trainer_vs_hf.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert "--quick" in help_text
+
+    same = bench.paired_accuracy_difference([1, 0, 1, 1], [1, 0, 1, 1])
+    assert same["points"] == same["ci95_low_points"] == same["ci95_high_points"] == 0
+    better = bench.paired_accuracy_difference([1] * 90 + [0] * 10, [1] * 80 + [0] * 20)
+    assert better["points"] == 10
+    assert better["sentences_only_a_right"] == 10
+    assert better["sentences_only_b_right"] == 0
+    assert 0 < better["ci95_low_points"] < 10 < better["ci95_high_points"]
