@@ -269,6 +269,7 @@ def step_overhead(
 
 
 def main() -> int:
+    """Entry point: stdout carries only the JSON report (libraries' chatter goes to stderr)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params-m", type=float, default=6.0, help="model size in millions of parameters")
     parser.add_argument("--rows", type=int, default=1024, help="rows (tokens) through the model per step")
@@ -276,6 +277,15 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    report_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints build and accelerator notes
+        report = _measure(args)
+    print(json.dumps(report, indent=2), file=report_out)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both measurements, on moto and on file://, as one report."""
     os.environ.update({k: os.environ.get(k, v) for k, v in CREDENTIALS.items()})
     import logging
 
@@ -315,8 +325,7 @@ def main() -> int:
             )
         report["file"] = throughput(engine, (work / "store").as_uri(), None, work / "file", repeats=args.repeats)
     report["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ machine it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -508,6 +509,8 @@ def compare(
         )
     for system in ("hf", "kubetune"):  # the per-sentence list served the comparison; keep the JSON short
         results.get(system, {}).get("test", {}).pop("correct", None)
+    if on_result is not None:  # the partial file gets the ratios too
+        on_result()
     return results
 
 
@@ -569,6 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_worker(args)
         return 0
 
+    report_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON report
+        text = json.dumps(run_comparison(args), indent=2, default=str)
+    print(text, file=report_out)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """Every requested strategy on every requested system; the report as a JSON-ready dict."""
     global ZERO_STAGE
     ZERO_STAGE = args.zero_stage
     machine = _common.machine_info()
@@ -616,11 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.probe_hf_deepspeed:
             report["hf_deepspeed_probe"] = probe_hf_deepspeed(probe_data(work / "probe-data"), work)
             save_partial()
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
