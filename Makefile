@@ -5,8 +5,8 @@ SHELL := /bin/bash
 PY ?= .venv/bin/python
 SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image
 VENV_STAMP := .venv/.installed-stamp
-# CI runs everything but the `slow` marker (real pretrained model on real data, 50-job restart
-# storms, long resume runs); `make test-slow` runs those.
+# CI runs everything but the `slow` marker (real pretrained model on real data, long resume
+# runs, real-run dashboards); `make test-slow` runs those.
 PYTEST_ARGS ?= -m "not slow"
 
 help: ## list the targets
@@ -60,7 +60,7 @@ lint: venv ## ruff, formatting, mypy and the import-layer contracts
 test: venv system-deps lint verify ## everything CI runs: lint, verify, the test suite (without `slow`)
 	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS) --durations=25
 
-test-slow: venv system-deps ## the slow tests: MiniLM on MR, restart storms, resume equivalence, real-run dashboards
+test-slow: venv system-deps ## the slow tests: MiniLM on MR, resume equivalence, 1→2 ranks, real-run dashboards
 	$(SRC_PATH) $(PY) -m pytest -m slow --durations=25
 
 DEMO_MODEL := .models/all-MiniLM-L6-v2

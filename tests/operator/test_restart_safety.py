@@ -86,11 +86,10 @@ def phases(client: Any) -> Counter[str]:
 @pytest.mark.parametrize(
     ("seed", "jobs", "kills"),
     [
-        # The full scenario (50 jobs, 3 seeds) takes minutes on a shared 2-core machine: marked slow.
-        pytest.param(1, JOBS, KILLS, marks=pytest.mark.slow, id="seed1-50jobs"),
-        pytest.param(2, JOBS, KILLS, marks=pytest.mark.slow, id="seed2-50jobs"),
-        pytest.param(3, JOBS, KILLS, marks=pytest.mark.slow, id="seed3-50jobs"),
-        pytest.param(4, 12, 2, id="seed4-12jobs"),
+        # About 20 s each on 2 quiet cores, so the full scenario (50 jobs, 3 seeds) runs in CI.
+        pytest.param(1, JOBS, KILLS, id="seed1-50jobs"),
+        pytest.param(2, JOBS, KILLS, id="seed2-50jobs"),
+        pytest.param(3, JOBS, KILLS, id="seed3-50jobs"),
     ],
 )
 def test_operator_killed_at_random_points_converges(seed: int, jobs: int, kills: int, tmp_path: Path) -> None:
