@@ -123,6 +123,11 @@ async def _apply(api: kube.KubeApi, body: Mapping[str, Any], plan: Plan, setting
     return created
 
 
+async def _patch_status(api: kube.KubeApi, namespace: str, name: str, patch: dict[str, Any]) -> Any:
+    """Merge-patch the status subresource; None when the object is gone."""
+    return await api.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
+
+
 async def reconcile_one(
     api: kube.KubeApi,
     settings: OperatorSettings,
@@ -152,17 +157,26 @@ async def reconcile_one(
         pods = await api.list(kube.PODS, namespace, selector)
         observed = observe(name, metadata.get("uid"), old_status, jobs, pods)
         plan = next_status(job, observed, moment)
+    # The decision is recorded before it is acted on.  A crash between the two then repeats
+    # idempotent actions on the next reconcile instead of forgetting the decision: deleting
+    # attempt 1's Job first and dying before the status said "attempt 2" would make the next
+    # reconcile see attempt 1 without a Job and create it a second time.
+    patch = _status_patch(old_status, plan.status)
+    if patch and await _patch_status(api, namespace, name, patch) is None:
+        return None  # deleted meanwhile
+    recorded = plan.status
     try:
         created = await _apply(api, body, plan, settings)
     except InvalidSpec as error:  # a default the builders could not fill in
-        plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
+        plan = invalid_spec_plan(recorded, error.field, error.message, moment, generation)
         created = False
-    patch = _status_patch(old_status, plan.status)
+        second = _status_patch(recorded, plan.status)
+        if second and await _patch_status(api, namespace, name, second) is None:
+            return None
+        patch = patch or second
     if patch:
-        landed = await api.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
-        if landed is not None:
-            for event in plan.events:
-                await post_event(api, body, event, moment)
+        for event in plan.events:
+            await post_event(api, body, event, moment)
     if plan.delete_self:
         await api.delete(kube.FINETUNEJOBS, namespace, name, propagation="Background")
     return Outcome(

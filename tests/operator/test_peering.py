@@ -22,11 +22,23 @@ def test_two_replicas_only_the_leader_acts_and_the_other_takes_over(
 ) -> None:
     client = cluster.client()
     connection = kopf.ConnectionInfo(server=cluster.url)
+
+    def peers() -> set[str]:
+        peering = client.get("kopf.dev/v1", "clusterkopfpeerings", None, "kubetune") or {}
+        return set(peering.get("status") or {})
+
+    # A rolling start, as a Deployment does it: the standby comes up while the leader is
+    # already registered, so its mandatory peering keeps it paused from its first moment.
+    # (Two replicas started in the same instant may both act until each has seen the other's
+    # keep-alive; kopf's peering gives no stronger guarantee.)
     leader = start_in_thread(fast_settings(peering_priority=200), connection=connection, identity="replica-a")
-    standby = start_in_thread(fast_settings(peering_priority=100), connection=connection, identity="replica-b")
+    standby = None
     try:
         leader.wait_ready(60)
+        wait_for(lambda: "replica-a" in peers(), TIMEOUT, what="the leader's peering record")
+        standby = start_in_thread(fast_settings(peering_priority=100), connection=connection, identity="replica-b")
         standby.wait_ready(60)
+        wait_for(lambda: "replica-b" in peers(), TIMEOUT, what="the standby's peering record")
         names = [f"peer-{i}" for i in range(5)]
         for name in names:
             client.create(*FTJ, NAMESPACE, job_manifest(name))
@@ -45,8 +57,7 @@ def test_two_replicas_only_the_leader_acts_and_the_other_takes_over(
         assert attempts["jobs"] <= 6, attempts  # at most one idempotent retry (409) under load
         assert reconciles(leader) > 0
         assert reconciles(standby) == 0, "the standby replica never acted"
-        peering = client.get("kopf.dev/v1", "clusterkopfpeerings", None, "kubetune")
-        assert {"replica-a", "replica-b"} <= set(peering.get("status") or {})
+        assert {"replica-a", "replica-b"} <= peers()
 
         leader.stop()  # graceful exit removes it from the peering object
         client.create(*FTJ, NAMESPACE, job_manifest("peer-late"))
@@ -54,4 +65,5 @@ def test_two_replicas_only_the_leader_acts_and_the_other_takes_over(
         assert reconciles(standby) > 0
     finally:
         leader.stop()
-        standby.stop()
+        if standby is not None:
+            standby.stop()
