@@ -126,32 +126,45 @@ def train_step(engine: Any, inputs: Any, targets: Any) -> None:
 
 
 def throughput(engine: Any, uri: str, endpoint: str | None, work: Path, *, repeats: int) -> dict[str, Any]:
-    """Save+commit a checkpoint synchronously, then upload the same files raw; best of ``repeats`` each."""
+    """Save+commit a checkpoint synchronously and upload the same files raw; best of ``repeats`` each.
+
+    A first, untimed checkpoint warms up connections and provides the files for the raw uploads; then
+    the two alternate which goes first, so neither always meets a fresher server or page cache.
+    """
     from kubetune_trainer.checkpoint import CheckpointManager
     from kubetune_trainer.storage import open_store
 
     store = open_store(uri, endpoint=endpoint)
     ours: list[dict[str, float]] = []
     raw: list[float] = []
-    size = 0
-    for attempt in range(1, repeats + 1):
+
+    def save(step: int) -> None:
         timings = Timings()
         manager = CheckpointManager(
             uri, store=store, work_dir=work, keep_last=1, async_upload=False, spec_hash="bench", metrics=timings
         )
         started = time.monotonic()
-        manager.save(engine, attempt, {"step": attempt})
+        manager.save(engine, step, {"step": step})
         manager.finish()
         total = time.monotonic() - started
         ours.append({phase: sum(values) for phase, values in timings.phases.items()} | {"total": total})
-        prefix = f"checkpoints/step-{attempt:08d}/"
-        size = int(json.loads(store.get_bytes(prefix + "MANIFEST.json"))["totalBytes"])
-        # The same bytes, uploaded raw (the manager removed its staging folder after the commit).
-        raw_dir = work / f"raw-{attempt}"
-        store.download_prefix(prefix, raw_dir)
-        (raw_dir / "MANIFEST.json").unlink()
-        raw.append(_raw_upload(sorted(p for p in raw_dir.rglob("*") if p.is_file()), uri, endpoint, work))
-        shutil.rmtree(raw_dir)
+
+    save(1)
+    ours.clear()
+    prefix = "checkpoints/step-00000001/"
+    size = int(json.loads(store.get_bytes(prefix + "MANIFEST.json"))["totalBytes"])
+    raw_dir = work / "raw-source"  # the same bytes (the manager removed its staging folder after the commit)
+    store.download_prefix(prefix, raw_dir)
+    (raw_dir / "MANIFEST.json").unlink()
+    raw_files = sorted(p for p in raw_dir.rglob("*") if p.is_file())
+    for attempt in range(2, repeats + 2):
+        if attempt % 2:
+            raw.append(_raw_upload(raw_files, uri, endpoint, work))
+            save(attempt)
+        else:
+            save(attempt)
+            raw.append(_raw_upload(raw_files, uri, endpoint, work))
+    shutil.rmtree(raw_dir)
     upload = min(o["upload"] for o in ours)
     total = min(o["total"] for o in ours)
     best_raw = min(raw)
