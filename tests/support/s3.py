@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -104,6 +105,25 @@ def threaded_moto(bucket: str = "kubetune-test") -> Iterator[S3Endpoint]:
         server.stop()
 
 
+def _one_request_per_line(recording: Path) -> None:
+    """Rewrite moto's recording with one JSON document per line.
+
+    moto's recorder appends each request from the server's handler threads without a lock, so
+    two concurrent uploads can land on one line (``{...}{...}``); its replay stops at the first
+    such line and silently drops everything after it.
+    """
+    decoder = json.JSONDecoder()
+    documents = []
+    for line in recording.read_text().splitlines():
+        position, line = 0, line.strip()
+        while position < len(line):
+            document, position = decoder.raw_decode(line, position)
+            documents.append(document)
+            while position < len(line) and line[position].isspace():
+                position += 1
+    recording.write_text("".join(json.dumps(d) + "\n" for d in documents))
+
+
 @dataclass
 class MotoProcess:
     """``python -m moto.server`` on a fixed loopback port that can be killed and started again."""
@@ -137,6 +157,8 @@ class MotoProcess:
         wait_until_serving(self.port)
         if replay:
             import requests
+
+            _one_request_per_line(self.recording)
 
             # Replaying appends nothing (the recorder is paused while replaying).
             requests.post(f"http://127.0.0.1:{self.port}/moto-api/recorder/replay-recording", timeout=120)
