@@ -178,3 +178,66 @@ def test_keys_may_not_escape_the_root(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "root"))
     with pytest.raises(StorageError, match="invalid storage key"):
         store.put_bytes("../outside", b"x")
+
+
+def test_open_upload_stores_files_added_while_earlier_ones_transfer(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "staging"
+    src.mkdir()
+    (src / "first.bin").write_bytes(os.urandom(9 << 20))  # above the multipart threshold
+    upload = store.open_upload("ckpt/step-3/", move=True)
+    upload.add(src / "first.bin", "first.bin")
+    (src / "second.bin").write_bytes(b"2" * 100)  # written after the first one started
+    upload.add(src / "second.bin", "sub/second.bin")
+    with pytest.raises(ValueError, match=r"ckpt/step-3/sub/second\.bin was already added"):
+        upload.add(src / "second.bin", "sub/second.bin")
+    assert upload.finish() == [
+        ObjectInfo("ckpt/step-3/first.bin", 9 << 20),
+        ObjectInfo("ckpt/step-3/sub/second.bin", 100),
+    ]
+    assert store.get_bytes("ckpt/step-3/first.bin") == (src / "first.bin").read_bytes()
+    assert store.get_bytes("ckpt/step-3/sub/second.bin") == b"2" * 100
+
+
+def test_a_cancelled_upload_leaves_no_object_and_no_open_multipart_upload(
+    s3_server: S3Endpoint, tmp_path: Path
+) -> None:
+    store = open_store(s3_server.uri("jobs/cancel"), endpoint=s3_server.endpoint, retry=FAST_RETRY)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(64 << 20))
+    upload = store.open_upload("ckpt/step-4/")
+    upload.add(big, "big.bin")
+    upload.cancel()
+    assert not store.exists("ckpt/step-4/big.bin")
+    assert store.abort_incomplete_uploads("ckpt/") == 0  # the transfer manager aborted its own
+
+
+def test_local_store_flushes_objects_and_their_directories_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    root = tmp_path / "store"
+    store = open_store(root.as_uri())
+    store.put_bytes("ckpt/LATEST", b"step-1\n")
+    src = tmp_path / "staging"
+    src.mkdir()
+    (src / "a.pt").write_bytes(b"a" * 10)
+    (src / "b.pt").write_bytes(b"b" * 10)
+    store.upload_dir(src, "ckpt/step-1", move=True)
+    ckpt, step = str(root / "ckpt"), str(root / "ckpt" / "step-1")
+    latest = [f for f in flushed if Path(f).name.startswith("LATEST.kubetune-tmp-")]
+    assert len(latest) == 1
+    # put_bytes: the new directory ckpt/ into the root, the data, then the rename into ckpt/.
+    assert flushed[: flushed.index(latest[0]) + 2] == [str(root), latest[0], ckpt]
+    # upload: step-1/ into ckpt/, each file's data, then step-1/ once for all the renames.
+    rest = flushed[flushed.index(latest[0]) + 2 :]
+    assert rest[0] == ckpt
+    assert sorted(Path(f).name.split(".kubetune-tmp-")[0] for f in rest[1:-1]) == ["a.pt", "b.pt"]
+    assert rest[-1] == step
+    assert flushed.count(step) == 1

@@ -54,7 +54,7 @@ def _trainer_exposition(steps: int) -> str:
             total_steps=steps,
         )
         if step % 5 == 0:
-            for phase in ("save", "upload", "commit"):
+            for phase in ("save", "upload", "commit", "retention"):
                 collector(metrics.registry, "kubetune_trainer_checkpoint_seconds").labels(phase=phase).observe(0.5)
             collector(metrics.registry, "kubetune_trainer_checkpoint_bytes_total").inc(1_000_000)
             collector(metrics.registry, "kubetune_trainer_checkpoint_step").set(step)

@@ -14,8 +14,14 @@ relative to that root and always use ``/``.  Two implementations:
   Request checksums are sent only when the operation requires them, because
   several S3-compatible servers reject boto3's default CRC headers.
 * :class:`LocalStore` for ``file:///ABS/PATH``, ``pvc://CLAIM/PATH`` (under the
-  pod's PVC mount root) or a plain path: every write goes to a temporary file and
-  is renamed into place, so a reader never sees half an object (as with S3).
+  pod's PVC mount root) or a plain path: every write goes to a temporary file,
+  is flushed to disk (fsync) and renamed into place, and the directory is
+  flushed too, so a reader never sees half an object and a written object
+  survives a node crash (as with S3, where a PUT returns once it is durable).
+
+:meth:`Store.open_upload` starts a batch of uploads to which files can be added
+while earlier ones transfer: the checkpoint manager adds each file the moment
+DeepSpeed has written it.  ``upload_dir`` is the same batch for a finished folder.
 
 Retry tuning (all optional) comes from ``KUBETUNE_STORAGE_RETRY_ATTEMPTS`` (8),
 ``KUBETUNE_STORAGE_RETRY_BASE_SECONDS`` (0.5) and ``KUBETUNE_STORAGE_RETRY_MAX_SECONDS`` (20).
@@ -85,11 +91,43 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def upload_dir(self, local_dir: Path, prefix: str, *, move: bool = False) -> builtins.list[ObjectInfo]: ...
+    def open_upload(self, prefix: str, *, move: bool = False) -> Upload: ...
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]: ...
     def abort_incomplete_uploads(self, prefix: str) -> int: ...
 
 
 # --------------------------------------------------------------------------- retries
+
+
+class Upload(Protocol):
+    """Files being uploaded under one prefix; a file added starts transferring at once."""
+
+    def add(self, local: Path, rel: str) -> None:
+        """Start uploading ``local`` to ``<prefix>/<rel>``."""
+        ...
+
+    def finish(self) -> builtins.list[ObjectInfo]:
+        """Wait for every file (failed ones are retried with backoff); the objects written.
+
+        Raises StorageUnavailable when files keep failing, StorageError on a permanent error.
+        """
+        ...
+
+    def cancel(self) -> None:
+        """Stop the transfers; returns once none is running any more."""
+        ...
+
+
+def upload_tree(store: Store, local_dir: Path, prefix: str, *, move: bool = False) -> builtins.list[ObjectInfo]:
+    """Upload every file under ``local_dir`` to ``prefix/<relative path>`` as one batch."""
+    upload = store.open_upload(prefix, move=move)
+    try:
+        for rel, path in _walk_files(local_dir):
+            upload.add(path, rel)
+    except BaseException:
+        upload.cancel()
+        raise
+    return upload.finish()
 
 
 @dataclass(frozen=True)
@@ -329,14 +367,14 @@ class S3Store:
         Files that fail are retried (whole file) with backoff; StorageUnavailable when they keep failing.
         ``move`` (the caller drops the local files afterwards) changes nothing for S3.
         """
-        files = _walk_files(local_dir)
-        pending = {_join(prefix, rel): path for rel, path in files}
-        self._transfer_all(
-            "upload",
-            pending,
-            lambda manager, key, path: manager.upload(str(path), self.bucket, self._key(key)),
-        )
-        return [ObjectInfo(_join(prefix, rel), path.stat().st_size) for rel, path in files]
+        return upload_tree(self, local_dir, prefix, move=move)
+
+    def open_upload(self, prefix: str, *, move: bool = False) -> Upload:
+        """A batch of uploads through one transfer manager; each file added starts at once."""
+        return _S3Upload(self, prefix)
+
+    def _submit_upload(self, manager: Any, key: str, path: Path) -> Any:
+        return manager.upload(str(path), self.bucket, self._key(key))
 
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         """Download every object under ``prefix`` into ``local_dir`` (keys relative to ``prefix``)."""
@@ -367,22 +405,25 @@ class S3Store:
     def _transfer_all(self, what: str, jobs: dict[str, Path], submit: Callable[[Any, str, Path], Any]) -> None:
         """Run many transfers through one transfer manager; retry the failed ones with backoff."""
         from boto3.s3.transfer import create_transfer_manager
+
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            futures = {key: submit(manager, key, path) for key, path in jobs.items()}
+            failures = _failures_of(futures)
+        self._retry_failed(what, jobs, failures, submit)
+
+    def _retry_failed(
+        self,
+        what: str,
+        jobs: dict[str, Path],
+        failures: dict[str, BaseException],
+        submit: Callable[[Any, str, Path], Any],
+    ) -> None:
+        """Retry the failed transfers of a first attempt, with backoff, until none fails or attempts run out."""
+        from boto3.s3.transfer import create_transfer_manager
         from botocore.exceptions import ClientError
 
-        remaining = dict(jobs)
-        attempt = 0
-        while remaining:
-            attempt += 1
-            failures: dict[str, BaseException] = {}
-            with create_transfer_manager(self.client, self.transfer_config) as manager:
-                futures = {key: submit(manager, key, path) for key, path in remaining.items()}
-                for key, future in futures.items():
-                    try:
-                        future.result()
-                    except Exception as exc:
-                        failures[key] = exc
-            if not failures:
-                return
+        attempt = 1
+        while failures:
             key, first = next(iter(failures.items()))
             if not _s3_transient(first):
                 if isinstance(first, ClientError) and self._not_found(first):
@@ -405,7 +446,10 @@ class S3Store:
                 _describe(first),
             )
             time.sleep(delay)
-            remaining = {k: remaining[k] for k in failures}
+            attempt += 1
+            with create_transfer_manager(self.client, self.transfer_config) as manager:
+                futures = {k: submit(manager, k, jobs[k]) for k in failures}
+                failures = _failures_of(futures)
 
     def abort_incomplete_uploads(self, prefix: str) -> int:
         """Abort multipart uploads under ``prefix`` that were never completed (their parts cost storage)."""
@@ -424,6 +468,52 @@ class S3Store:
             return count
 
         return self._call(f"abort incomplete uploads under {prefix}", run)
+
+
+class _S3Upload:
+    """One transfer manager open for a batch; files added while others upload (see :class:`Upload`)."""
+
+    def __init__(self, store: S3Store, prefix: str) -> None:
+        from boto3.s3.transfer import create_transfer_manager
+
+        self._store = store
+        self._prefix = prefix
+        self._manager = create_transfer_manager(store.client, store.transfer_config)
+        self._paths: dict[str, Path] = {}
+        self._futures: dict[str, Any] = {}
+
+    def add(self, local: Path, rel: str) -> None:
+        key = _join(self._prefix, rel)
+        if key in self._paths:
+            raise ValueError(f"{key} was already added to this upload")
+        self._paths[key] = local
+        self._futures[key] = self._store._submit_upload(self._manager, key, local)
+
+    def finish(self) -> builtins.list[ObjectInfo]:
+        try:
+            failures = _failures_of(self._futures)
+        finally:
+            self._manager.shutdown()
+        self._store._retry_failed("upload", self._paths, failures, self._store._submit_upload)
+        return [ObjectInfo(key, path.stat().st_size) for key, path in self._paths.items()]
+
+    def cancel(self) -> None:
+        # s3transfer's TransferManager.shutdown(cancel=True) passes its arguments shifted and raises TypeError
+        # (s3transfer 0.19); leaving the manager's context with an exception is the path that cancels every
+        # transfer, aborts their multipart uploads and waits until none runs.
+        reason = concurrent.futures.CancelledError("upload cancelled")
+        self._manager.__exit__(type(reason), reason, None)
+
+
+def _failures_of(futures: dict[str, Any]) -> dict[str, BaseException]:
+    """Wait for every future; the exception of each one that failed, by key."""
+    failures: dict[str, BaseException] = {}
+    for key, future in futures.items():
+        try:
+            future.result()
+        except Exception as exc:
+            failures[key] = exc
+    return failures
 
 
 def _s3_transient(exc: BaseException) -> bool:
@@ -461,17 +551,28 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _atomic_write(self, path: Path, write: Callable[[Path], object]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _atomic_write(
+        self, path: Path, write: Callable[[Path], object], *, durable: bool = True, sync_dir: bool = True
+    ) -> None:
+        """Write via a temporary file and a rename; ``durable``: on disk before the rename (and the rename too,
+        unless ``sync_dir`` is False because the caller flushes the directory once for many files)."""
+        if durable:
+            _make_dirs_durably(path.parent, stop=self.root)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}{_LOCAL_TMP_MARK}{uuid.uuid4().hex}")
         try:
             write(tmp)
+            if durable:
+                _fsync(tmp)
             os.replace(tmp, path)
+            if durable and sync_dir:
+                _fsync(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
     def put_file(self, local: Path, key: str) -> None:
-        """Copy ``local`` to the key (via a temporary file and a rename)."""
+        """Copy ``local`` to the key (via a temporary file, fsync and a rename)."""
         self._atomic_write(self._path(key), lambda tmp: shutil.copyfile(local, tmp))
 
     def get_file(self, key: str, local: Path) -> None:
@@ -479,7 +580,7 @@ class LocalStore:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(f"{self.uri}/{key}: no such object")
-        self._atomic_write(local, lambda tmp: shutil.copyfile(src, tmp))
+        self._atomic_write(local, lambda tmp: shutil.copyfile(src, tmp), durable=False)  # a scratch copy
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` to the key atomically."""
@@ -528,20 +629,25 @@ class LocalStore:
         With ``move`` (the caller no longer needs the local files, as after a checkpoint upload) a file
         on the same filesystem is hard-linked instead of copied: a checkpoint is written once, not twice.
         """
-        files = _walk_files(local_dir)
-        put = self._link_or_copy if move else self.put_file
-        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda item: put(item[1], _join(prefix, item[0])), files))
-        return [ObjectInfo(_join(prefix, rel), path.stat().st_size) for rel, path in files]
+        return upload_tree(self, local_dir, prefix, move=move)
 
-    def _link_or_copy(self, local: Path, key: str) -> None:
+    def open_upload(self, prefix: str, *, move: bool = False) -> Upload:
+        """A batch of copies (hard links with ``move``) running in parallel; each file added starts at once."""
+        return _LocalUpload(self, prefix, move=move)
+
+    def _put_durably(self, local: Path, key: str, *, link: bool) -> None:
+        """Copy (or hard-link) ``local`` to the key and flush it; the caller flushes the directory."""
+
         def write(tmp: Path) -> None:
-            try:
-                os.link(local, tmp)
-            except OSError:  # another filesystem (EXDEV), or links not allowed: copy
-                shutil.copyfile(local, tmp)
+            if link:
+                try:
+                    os.link(local, tmp)
+                    return
+                except OSError:  # another filesystem (EXDEV), or links not allowed: copy
+                    pass
+            shutil.copyfile(local, tmp)
 
-        self._atomic_write(self._path(key), write)
+        self._atomic_write(self._path(key), write, sync_dir=False)
 
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         """Copy every object under ``prefix`` into ``local_dir``."""
@@ -566,7 +672,66 @@ class LocalStore:
         return count
 
 
+class _LocalUpload:
+    """Copies (or hard links) into a LocalStore on a thread pool (see :class:`Upload`)."""
+
+    def __init__(self, store: LocalStore, prefix: str, *, move: bool) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._move = move
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="local-upload")
+        self._paths: dict[str, Path] = {}
+        self._futures: dict[str, concurrent.futures.Future[None]] = {}
+
+    def add(self, local: Path, rel: str) -> None:
+        key = _join(self._prefix, rel)
+        if key in self._paths:
+            raise ValueError(f"{key} was already added to this upload")
+        self._paths[key] = local
+        self._futures[key] = self._pool.submit(self._store._put_durably, local, key, link=self._move)
+
+    def finish(self) -> builtins.list[ObjectInfo]:
+        try:
+            for future in self._futures.values():
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        # One flush per directory makes the renames of all its files durable.
+        for folder in sorted({self._store._path(key).parent for key in self._paths}):
+            _fsync(folder)
+        return [ObjectInfo(key, path.stat().st_size) for key, path in self._paths.items()]
+
+    def cancel(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- helpers and factory
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(folder: Path, *, stop: Path) -> None:
+    """``mkdir -p`` whose new entries survive a crash: each new directory's parent is flushed."""
+    if folder.is_dir():
+        return
+    missing = []
+    current = folder
+    while not current.is_dir():
+        missing.append(current)
+        if current == current.parent:
+            break
+        current = current.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        if new.parent.is_relative_to(stop):  # directories above the store's root are not ours to flush
+            _fsync(new.parent)
 
 
 def _walk_files(root: Path) -> list[tuple[str, Path]]:

@@ -23,7 +23,7 @@ TRAINER_SCRAPE_JOB = "kubetune-trainer"
 JOB_NAME_LABEL = "job_name"
 
 LOSS_COMPONENTS = ("total", "task", "auxiliary", "l2sp")
-CHECKPOINT_PHASES = ("save", "upload", "commit", "restore")
+CHECKPOINT_PHASES = ("save", "upload", "commit", "retention", "restore")
 MEMORY_KINDS = ("allocated", "reserved", "rss")
 EVAL_METRICS = tuple(m.value for m in Metric)
 JOB_PHASES = tuple(p.value for p in Phase)

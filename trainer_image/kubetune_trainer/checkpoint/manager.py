@@ -2,11 +2,13 @@
 
 Save (collective): DeepSpeed ``save_checkpoint`` into this rank's own staging
 folder on node-local disk (``save_latest=False``: DeepSpeed's ``latest`` file is
-never written nor trusted) plus this rank's RNG states → every rank uploads its
-own files in parallel → all ranks exchange what they uploaded → global rank 0
-writes ``MANIFEST.json`` (every object with size and sha256) → only then
-``LATEST`` moves → retention.  With ``async_upload`` the upload and commit run
-in one background thread (at most one in flight; the next save waits for it).
+never written nor trusted) plus this rank's RNG states; each file starts
+uploading (and being hashed) as soon as it is written, while DeepSpeed writes
+the next → every rank waits for its own uploads → all ranks exchange what they
+uploaded → global rank 0 writes ``MANIFEST.json`` (every object with size and
+sha256) → only then ``LATEST`` moves → retention.  With ``async_upload`` the
+rest of the upload and the commit run in one background thread (at most one in
+flight; the next save waits for it).
 All collectives of the manager run on a gloo process group of its own, so the
 background thread never interleaves with the training collectives.
 
@@ -54,6 +56,7 @@ from kubetune_trainer.checkpoint.manifest import (
     sha256_file,
     tag_for,
 )
+from kubetune_trainer.checkpoint.streaming import StreamedFiles, announcing_files, without_zip_checksums
 from kubetune_trainer.storage import ObjectInfo, StorageUnavailable, Store
 
 log = logging.getLogger("kubetune_trainer.checkpoint")
@@ -127,7 +130,7 @@ class CheckpointManager:
         self._last_outcome: _Outcome | None = None
         self._failed_in_a_row = 0
         self.committed_step: int | None = None
-        self.last_save_seconds: float | None = None  # save + upload + commit of the last finished save
+        self.last_save_seconds: float | None = None  # from save() until LATEST moved, of the last finished save
 
     # ------------------------------------------------------------------ collectives
 
@@ -186,19 +189,30 @@ class CheckpointManager:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / tag).mkdir(parents=True)
         frozen = _has_frozen_parameters(engine)
-        # Each rank saves into its own folder: local ranks share the node's disk, and each folder then holds
-        # exactly the files its rank wrote, which that rank uploads.
-        engine.save_checkpoint(
-            str(staging), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=frozen
-        )
-        rng.save(staging / tag / RNG_FILE_PATTERN.format(rank=self.rank))
+        streamed = StreamedFiles(lambda: self.store.open_upload(prefix_of(tag), move=True), staging / tag)
+        try:
+            # Each rank saves into its own folder: local ranks share the node's disk, and each folder then holds
+            # exactly the files its rank wrote, which that rank uploads.
+            with announcing_files(engine, streamed.add), without_zip_checksums():
+                engine.save_checkpoint(
+                    str(staging),
+                    tag=tag,
+                    client_state=client_state,
+                    save_latest=False,
+                    exclude_frozen_parameters=frozen,
+                )
+            rng_file = staging / tag / RNG_FILE_PATTERN.format(rank=self.rank)
+            rng.save(rng_file)
+            streamed.add(rng_file)
+            streamed.add_the_rest()
+        except BaseException:
+            streamed.cancel()
+            raise
         self._observe("save", time.monotonic() - started)
         zero_stage = int(engine.zero_optimization_stage())
 
         def job() -> _Outcome:
-            outcome = self._upload_and_commit(step, staging / tag, zero_stage)
-            self.last_save_seconds = time.monotonic() - started
-            return outcome
+            return self._upload_and_commit(step, staging / tag, zero_stage, streamed, started)
 
         if self.async_upload:
             self._thread = threading.Thread(target=self._run_job, args=(job, step), name=f"checkpoint-{tag}")
@@ -213,22 +227,15 @@ class CheckpointManager:
             log.exception("checkpoint %s: upload thread failed", tag_for(step))
             self._thread_outcome = _Outcome(step, committed=False, error=f"{type(exc).__name__}: {exc}")
 
-    def _upload_and_commit(self, step: int, local_dir: Path, zero_stage: int) -> _Outcome:
+    def _upload_and_commit(
+        self, step: int, local_dir: Path, zero_stage: int, streamed: StreamedFiles, started: float
+    ) -> _Outcome:
         tag = tag_for(step)
         mine: list[FileEntry] | None = None
         error: str | None = None
         try:
-            started = time.monotonic()
-            files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-            # Hash while uploading (hashlib releases the GIL): the checksums cost no extra wall time.
-            with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as pool:
-                digests = [pool.submit(sha256_file, path) for path in files]
-                self.store.upload_dir(local_dir, prefix_of(tag), move=True)  # staging is removed below
-                entries = [
-                    FileEntry(path.relative_to(local_dir).as_posix(), path.stat().st_size, digest.result(), self.rank)
-                    for path, digest in zip(files, digests, strict=True)
-                ]
-            self._observe("upload", time.monotonic() - started)
+            entries = streamed.finish(self.rank)
+            self._observe("upload", time.monotonic() - streamed.started)
             if (counter := self._metric("checkpoint_bytes_total")) is not None:
                 counter.inc(sum(e.size for e in entries))
             mine = entries
@@ -242,11 +249,19 @@ class CheckpointManager:
         if self.rank == 0:
             decision = (False, "; ".join(errors)) if errors else self._commit(step, zero_stage, gathered)
         committed, reason = self._broadcast(decision) or (False, "no decision from rank 0")
+        self.last_save_seconds = time.monotonic() - started
+        if committed and self.rank == 0:
+            retention_started = time.monotonic()
+            try:
+                self._apply_retention(step)
+            except Exception as exc:  # retention is housekeeping: the next commit tries again
+                log.warning("checkpoint retention after %s failed: %s: %s", tag, type(exc).__name__, exc)
+            self._observe("retention", time.monotonic() - retention_started)
         shutil.rmtree(local_dir, ignore_errors=True)
         return _Outcome(step, committed, reason)
 
     def _commit(self, step: int, zero_stage: int, gathered: list[Any]) -> tuple[bool, str | None]:
-        """Rank 0: write the manifest, then move LATEST, then apply retention."""
+        """Rank 0: write the manifest, then move LATEST."""
         tag = tag_for(step)
         started = time.monotonic()
         try:
@@ -273,10 +288,6 @@ class CheckpointManager:
             len(manifest.files),
             manifest.total_bytes,
         )
-        try:
-            self._apply_retention(step)
-        except Exception as exc:  # retention is housekeeping: the next commit tries again
-            log.warning("checkpoint retention after %s failed: %s: %s", tag, type(exc).__name__, exc)
         return True, None
 
     def _apply_retention(self, just_committed: int) -> None:
