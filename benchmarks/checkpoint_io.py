@@ -14,8 +14,9 @@
    raw; target >= 0.8); retention of older checkpoints runs after that and is
    reported as its own phase.
 2. Step-time overhead: the same training with no checkpoints, with synchronous
-   and with asynchronous uploads every ``--every`` steps; overhead is relative
-   to the run without checkpoints (target for async: < 10 %).  Each step feeds
+   and with asynchronous uploads every ``--every`` steps, on moto and on
+   ``file://`` (the local runtime's store); overhead is relative to the run
+   without checkpoints (target for async: < 10 %).  Each step feeds
    ``--rows`` rows through the model (default 1024 = one process's micro-batch
    of 16 sequences × 64 tokens in the trainer benchmark), so the compute per
    checkpointed byte is that of fine-tuning a transformer, not of a toy MLP step;
@@ -377,6 +378,17 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 repeats=args.repeats,
             )
         report["file"] = throughput(engine, (work / "store").as_uri(), None, work / "file", repeats=args.repeats)
+        report["step_overhead_file"] = step_overhead(
+            engine,
+            inputs,
+            targets,
+            (work / "steps-store").as_uri(),
+            None,
+            work / "file-steps",
+            steps=args.steps,
+            every=args.every,
+            repeats=args.repeats,
+        )
     report["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return report
 
