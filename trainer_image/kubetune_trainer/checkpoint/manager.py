@@ -130,7 +130,8 @@ class CheckpointManager:
         self._last_outcome: _Outcome | None = None
         self._failed_in_a_row = 0
         self.committed_step: int | None = None
-        self.last_save_seconds: float | None = None  # from save() until LATEST moved, of the last finished save
+        # Of the last finished save: from save() until LATEST moved (rank 0), or until rank 0's decision arrived.
+        self.last_save_seconds: float | None = None
 
     # ------------------------------------------------------------------ collectives
 
@@ -248,17 +249,27 @@ class CheckpointManager:
         decision: tuple[bool, str | None] | None = None
         if self.rank == 0:
             decision = (False, "; ".join(errors)) if errors else self._commit(step, zero_stage, gathered)
+            self.last_save_seconds = time.monotonic() - started
+            if decision[0]:
+                # Before the broadcast: no rank starts the next save (and its uploads) while retention still
+                # deletes folders and aborts the multipart uploads it takes for debris.
+                self._retain(step)
         committed, reason = self._broadcast(decision) or (False, "no decision from rank 0")
-        self.last_save_seconds = time.monotonic() - started
-        if committed and self.rank == 0:
-            retention_started = time.monotonic()
-            try:
-                self._apply_retention(step)
-            except Exception as exc:  # retention is housekeeping: the next commit tries again
-                log.warning("checkpoint retention after %s failed: %s: %s", tag, type(exc).__name__, exc)
-            self._observe("retention", time.monotonic() - retention_started)
+        if self.rank != 0:
+            self.last_save_seconds = time.monotonic() - started
         shutil.rmtree(local_dir, ignore_errors=True)
         return _Outcome(step, committed, reason)
+
+    def _retain(self, just_committed: int) -> None:
+        """Rank 0, after a commit: retention, as its own timed phase; a failure waits for the next commit."""
+        started = time.monotonic()
+        try:
+            self._apply_retention(just_committed)
+        except Exception as exc:
+            log.warning(
+                "checkpoint retention after %s failed: %s: %s", tag_for(just_committed), type(exc).__name__, exc
+            )
+        self._observe("retention", time.monotonic() - started)
 
     def _commit(self, step: int, zero_stage: int, gathered: list[Any]) -> tuple[bool, str | None]:
         """Rank 0: write the manifest, then move LATEST."""
