@@ -64,7 +64,14 @@ def _run(job: Path, storage: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As a command typed at a terminal: SIGINT at its default.  A suite started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=_sigint_default,
     )
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _latest(storage: Path) -> str | None:
