@@ -13,10 +13,11 @@
    ``save()`` call until LATEST names the new checkpoint (throughput relative to
    raw; target >= 0.8); retention of older checkpoints runs after that and is
    reported as its own phase.
-2. Step-time overhead: the same training with no checkpoints, with synchronous
-   and with asynchronous uploads every ``--every`` steps, on moto and on
-   ``file://`` (the local runtime's store); overhead is relative to the run
-   without checkpoints (target for async: < 10 %).  Each step feeds
+2. Step-time overhead: blocks of ``--every`` steps without checkpoints, with a
+   synchronous and with an asynchronous checkpoint, back to back in rotating
+   order, ``--rounds`` times, on moto and on ``file://`` (the local runtime's
+   store); the overhead is the median over rounds of a checkpointing block's
+   time over the same round's block without (target for async: < 10 %).  Each step feeds
    ``--rows`` rows through the model (default 1024 = one process's micro-batch
    of 16 sequences × 64 tokens in the trainer benchmark), so the compute per
    checkpointed byte is that of fine-tuning a transformer, not of a toy MLP step;
@@ -24,7 +25,7 @@
 
 One process, world size 1 (gloo).  Usage::
 
-    PYTHONPATH=operator:trainer_image python benchmarks/checkpoint_io.py [--params-m 6] [--steps 60] [--every 20]
+    PYTHONPATH=operator:trainer_image python benchmarks/checkpoint_io.py [--params-m 6] [--rounds 10] [--every 10]
 """
 
 from __future__ import annotations
@@ -265,60 +266,73 @@ def step_overhead(
     endpoint: str | None,
     work: Path,
     *,
-    steps: int,
+    rounds: int,
     every: int,
-    repeats: int,
 ) -> dict[str, Any]:
-    """Mean step time without checkpoints, with sync and with async uploads every ``every`` steps.
+    """Step-time overhead of sync and async checkpoints every ``every`` steps, as paired ratios.
 
-    Saves happen at steps ``every/2, every/2 + every, ...`` so that the timed window ends in steady state;
-    the wait for the last upload is reported separately.  Modes are interleaved, best of ``repeats``.
+    One round runs three blocks of ``every`` steps back to back, one per mode (no checkpoint, sync,
+    async; the order rotates every round); a checkpointing block saves at its middle step, and its
+    time includes waiting for that upload to finish, so no upload spills into the next block and
+    the async figure is an upper bound (training would only wait at its next save).  The overhead
+    of a mode is the median over rounds of its block time over the same round's block without
+    checkpoints: the blocks of a round are seconds apart, so a machine that is slower for a while
+    slows all three alike.
     """
+    import statistics
+
     from kubetune_trainer.checkpoint import CheckpointManager
     from kubetune_trainer.storage import open_store
 
-    final_waits: dict[str, float] = {}
+    managers = {
+        mode: CheckpointManager(
+            f"{uri}/{mode}",
+            store=open_store(f"{uri}/{mode}", endpoint=endpoint),
+            work_dir=work / mode,
+            keep_last=1,
+            async_upload=mode == "async",
+            spec_hash="bench",
+        )
+        for mode in ("sync", "async")
+    }
+    step = 0
 
-    def run(mode: str, attempt: int) -> float:
-        manager = None
-        if mode != "none":
-            manager = CheckpointManager(
-                f"{uri}/{mode}-{attempt}",
-                store=open_store(f"{uri}/{mode}-{attempt}", endpoint=endpoint),
-                work_dir=work / mode,
-                keep_last=1,
-                async_upload=mode == "async",
-                spec_hash="bench",
-            )
-        for _ in range(2):  # warm-up
-            train_step(engine, inputs, targets)
+    def block(mode: str) -> float:
+        nonlocal step
+        manager = managers.get(mode)
         started = time.monotonic()
-        for step in range(1, steps + 1):
+        for index in range(every):
             train_step(engine, inputs, targets)
-            if manager is not None and step % every == every // 2:
+            step += 1
+            if manager is not None and index == every // 2:
                 manager.save(engine, step, {"step": step})
-        seconds = (time.monotonic() - started) / steps
         if manager is not None:
-            waited = time.monotonic()
-            manager.finish()
-            final_waits[mode] = round(time.monotonic() - waited, 3)
-        return seconds
+            manager.finish()  # the upload, if still running, is this block's cost
+        return time.monotonic() - started
 
-    best: dict[str, float] = {}
-    for attempt in range(repeats):
-        for mode in ("none", "sync", "async"):
-            best[mode] = min(best.get(mode, float("inf")), run(mode, attempt))
+    for _ in range(2):  # warm-up
+        train_step(engine, inputs, targets)
+    modes = ["none", "sync", "async"]
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_index in range(rounds):
+        shift = round_index % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            seconds[mode].append(block(mode))
+    ratios = {
+        mode: [t / base for t, base in zip(seconds[mode], seconds["none"], strict=True)] for mode in ("sync", "async")
+    }
+    median_none = statistics.median(seconds["none"])
     return {
-        "steps": steps,
+        "rounds": rounds,
         "checkpoint_every": every,
-        "repeats": repeats,
-        "step_seconds_no_checkpoint": round(best["none"], 4),
-        "step_seconds_sync": round(best["sync"], 4),
-        "step_seconds_async": round(best["async"], 4),
-        "overhead_sync": round(best["sync"] / best["none"] - 1, 3),
-        "overhead_async": round(best["async"] / best["none"] - 1, 3),
-        "checkpoint_interval_seconds": round(every * best["none"], 2),
-        "final_upload_wait_seconds": final_waits,
+        "step_seconds_no_checkpoint": round(median_none / every, 4),
+        "step_seconds_sync": round(statistics.median(seconds["sync"]) / every, 4),
+        "step_seconds_async": round(statistics.median(seconds["async"]) / every, 4),
+        "overhead_sync": round(statistics.median(ratios["sync"]) - 1, 3),
+        "overhead_async": round(statistics.median(ratios["async"]) - 1, 3),
+        "overhead_async_per_round": [round(r - 1, 3) for r in ratios["async"]],
+        "overhead_sync_per_round": [round(r - 1, 3) for r in ratios["sync"]],
+        "checkpoint_interval_seconds": round(median_none, 2),
     }
 
 
@@ -327,9 +341,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params-m", type=float, default=6.0, help="model size in millions of parameters")
     parser.add_argument("--rows", type=int, default=1024, help="rows (tokens) through the model per step")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of the step-overhead comparison")
+    parser.add_argument("--every", type=int, default=10, help="steps between checkpoints")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput comparison")
     args = parser.parse_args()
     report_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints build and accelerator notes
@@ -373,9 +387,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 "s3://bench/steps",
                 endpoint,
                 work / "s3-steps",
-                steps=args.steps,
+                rounds=args.rounds,
                 every=args.every,
-                repeats=args.repeats,
             )
         report["file"] = throughput(engine, (work / "store").as_uri(), None, work / "file", repeats=args.repeats)
         report["step_overhead_file"] = step_overhead(
@@ -385,9 +398,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             (work / "steps-store").as_uri(),
             None,
             work / "file-steps",
-            steps=args.steps,
+            rounds=args.rounds,
             every=args.every,
-            repeats=args.repeats,
         )
     report["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return report

@@ -45,7 +45,7 @@ def test_operator_scale_reconciles_every_job_and_reports_latency_and_memory() ->
 def test_checkpoint_io_compares_with_raw_transfers_and_times_sync_and_async_steps() -> None:
     report = _run(
         "checkpoint_io.py",
-        *("--params-m", "0.2", "--rows", "8", "--steps", "4", "--every", "2", "--repeats", "1"),
+        *("--params-m", "0.2", "--rows", "8", "--rounds", "2", "--every", "2", "--repeats", "1"),
         timeout=300,
     )
     for store in ("s3_moto_loopback", "file"):
@@ -57,6 +57,7 @@ def test_checkpoint_io_compares_with_raw_transfers_and_times_sync_and_async_step
     for store in ("s3_moto_loopback", "file"):
         overhead = report[f"step_overhead_{store}"]
         assert {"overhead_sync", "overhead_async", "checkpoint_interval_seconds"} <= set(overhead)
+        assert len(overhead["overhead_async_per_round"]) == 2
 
 
 def test_trainer_vs_hf_builds_a_valid_job_for_each_strategy(tmp_path: Path) -> None:
