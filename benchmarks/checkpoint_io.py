@@ -54,8 +54,8 @@ CREDENTIALS = {
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """``python -m moto.server`` on a loopback port; yields its endpoint URL."""
+def moto_server() -> Iterator[tuple[str, int]]:
+    """``python -m moto.server`` on a loopback port; yields its endpoint URL and process id."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -71,7 +71,7 @@ def moto_server() -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError("moto server did not start")
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -250,6 +250,14 @@ def _raw_upload(files: list[Path], uri: str, endpoint: str | None, work: Path, *
     return time.monotonic() - started
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -371,7 +379,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = Path(tmp)
-        with moto_server() as endpoint:
+        with moto_server() as (endpoint, server_pid):
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
@@ -380,7 +388,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             report["s3_moto_loopback"] = throughput(
                 engine, "s3://bench/ckpt", endpoint, work / "s3", repeats=args.repeats
             )
-            report["step_overhead_s3_moto_loopback"] = step_overhead(
+            server_cpu_before = _cpu_seconds(server_pid)
+            overhead = step_overhead(
                 engine,
                 inputs,
                 targets,
@@ -390,6 +399,12 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 rounds=args.rounds,
                 every=args.every,
             )
+            # The S3 server shares this machine's cores with training; a real store does not.
+            checkpoints = 2 * args.rounds  # one sync and one async save per round
+            overhead["server_cpu_seconds_per_checkpoint"] = round(
+                (_cpu_seconds(server_pid) - server_cpu_before) / checkpoints, 3
+            )
+            report["step_overhead_s3_moto_loopback"] = overhead
         report["file"] = throughput(engine, (work / "store").as_uri(), None, work / "file", repeats=args.repeats)
         report["step_overhead_file"] = step_overhead(
             engine,
