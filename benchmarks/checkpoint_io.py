@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_operator.localpods import free_port
+from kubetune_trainer.storage import fsync_path
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "bench-key",
@@ -244,9 +245,9 @@ def _raw_upload(files: list[Path], uri: str, endpoint: str | None, work: Path, *
     for f in files:
         shutil.copyfile(f, target / f.name)
         if durable:
-            _fsync(target / f.name)
+            fsync_path(target / f.name)
     if durable:
-        _fsync(target)
+        fsync_path(target)
     return time.monotonic() - started
 
 
@@ -256,14 +257,6 @@ def _cpu_seconds(pid: int) -> float:
 
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_overhead(

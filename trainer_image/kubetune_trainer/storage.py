@@ -564,10 +564,10 @@ class LocalStore:
         try:
             write(tmp)
             if durable:
-                _fsync(tmp)
+                fsync_path(tmp)
             os.replace(tmp, path)
             if durable and sync_dir:
-                _fsync(path.parent)
+                fsync_path(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -698,7 +698,7 @@ class _LocalUpload:
             self._pool.shutdown(wait=True)
         # One flush per directory makes the renames of all its files durable.
         for folder in sorted({self._store._path(key).parent for key in self._paths}):
-            _fsync(folder)
+            fsync_path(folder)
         return [ObjectInfo(key, path.stat().st_size) for key, path in self._paths.items()]
 
     def cancel(self) -> None:
@@ -708,7 +708,7 @@ class _LocalUpload:
 # --------------------------------------------------------------------------- helpers and factory
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's data, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -731,7 +731,7 @@ def _make_dirs_durably(folder: Path, *, stop: Path) -> None:
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
         if new.parent.is_relative_to(stop):  # directories above the store's root are not ours to flush
-            _fsync(new.parent)
+            fsync_path(new.parent)
 
 
 def _walk_files(root: Path) -> list[tuple[str, Path]]:
