@@ -105,7 +105,7 @@ def threaded_moto(bucket: str = "kubetune-test") -> Iterator[S3Endpoint]:
         server.stop()
 
 
-def _one_request_per_line(recording: Path) -> None:
+def one_request_per_line(recording: Path) -> None:
     """Rewrite moto's recording with one JSON document per line.
 
     moto's recorder appends each request from the server's handler threads without a lock, so
@@ -158,7 +158,7 @@ class MotoProcess:
         if replay:
             import requests
 
-            _one_request_per_line(self.recording)
+            one_request_per_line(self.recording)
 
             # Replaying appends nothing (the recorder is paused while replaying).
             requests.post(f"http://127.0.0.1:{self.port}/moto-api/recorder/replay-recording", timeout=120)

@@ -404,12 +404,16 @@ class S3Store:
 
     def _transfer_all(self, what: str, jobs: dict[str, Path], submit: Callable[[Any, str, Path], Any]) -> None:
         """Run many transfers through one transfer manager; retry the failed ones with backoff."""
+        self._retry_failed(what, jobs, self._transfer_once(jobs, submit), submit)
+
+    def _transfer_once(
+        self, jobs: dict[str, Path], submit: Callable[[Any, str, Path], Any]
+    ) -> dict[str, BaseException]:
+        """One attempt at every transfer, through one transfer manager; the failures by key."""
         from boto3.s3.transfer import create_transfer_manager
 
         with create_transfer_manager(self.client, self.transfer_config) as manager:
-            futures = {key: submit(manager, key, path) for key, path in jobs.items()}
-            failures = _failures_of(futures)
-        self._retry_failed(what, jobs, failures, submit)
+            return _failures_of({key: submit(manager, key, path) for key, path in jobs.items()})
 
     def _retry_failed(
         self,
@@ -419,7 +423,6 @@ class S3Store:
         submit: Callable[[Any, str, Path], Any],
     ) -> None:
         """Retry the failed transfers of a first attempt, with backoff, until none fails or attempts run out."""
-        from boto3.s3.transfer import create_transfer_manager
         from botocore.exceptions import ClientError
 
         attempt = 1
@@ -447,9 +450,7 @@ class S3Store:
             )
             time.sleep(delay)
             attempt += 1
-            with create_transfer_manager(self.client, self.transfer_config) as manager:
-                futures = {k: submit(manager, k, jobs[k]) for k in failures}
-                failures = _failures_of(futures)
+            failures = self._transfer_once({k: jobs[k] for k in failures}, submit)
 
     def abort_incomplete_uploads(self, prefix: str) -> int:
         """Abort multipart uploads under ``prefix`` that were never completed (their parts cost storage)."""
