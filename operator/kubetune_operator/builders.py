@@ -110,7 +110,12 @@ def resolve_job(job: FineTuneJob, settings: OperatorSettings) -> FineTuneJob:
             f"{settings.default_output_uri.rstrip('/')}/{where}" if settings.default_output_uri else f"{uri}/output"
         )
     output = spec.output.model_copy(update={"uri": output_uri})
-    resources = spec.resources.model_copy(update={"image": spec.resources.image or settings.default_image})
+    resources = spec.resources.model_copy(
+        update={
+            "image": spec.resources.image or settings.default_image,
+            "processes_per_node": spec.resources.processes(),
+        }
+    )
     new_spec = spec.model_copy(update={"checkpoint": checkpoint, "output": output, "resources": resources})
     return job.model_copy(update={"spec": new_spec})
 
@@ -295,7 +300,7 @@ def launcher_argv(job: FineTuneJob) -> tuple[list[str], list[str]]:
     command = ["python", "-m", "kubetune_trainer.launch"]
     args = [
         f"--nnodes={resources.nodes}",
-        f"--nproc-per-node={resources.processes_per_node}",
+        f"--nproc-per-node={resources.processes()}",
         f"--node-rank=$({ENV_COMPLETION_INDEX})",
         f"--master-addr=$({ENV_MASTER_ADDR})",
         f"--master-port=$({ENV_MASTER_PORT})",

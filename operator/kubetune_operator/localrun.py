@@ -38,6 +38,7 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
 from kubetune_trainer.spec import FineTuneJob
 from kubetune_trainer.spec import runtime as rt
+from kubetune_trainer.spec.job import GPU_RESOURCE
 
 LOCAL_IMAGE = "local"
 INTERRUPTED_EXIT = 130
@@ -59,11 +60,19 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[FineTuneJob, Pa
     local directory (cluster endpoints and Secrets do not apply on this machine)."""
     storage = (options.storage or Path("runs") / job.metadata.name).resolve()
     spec = job.spec
+    processes = options.processes_per_node or spec.resources.processes()
+    # One local process per GPU of the pod: an override of the process count moves the GPU count with it.
+    requests, limits = dict(spec.resources.requests), dict(spec.resources.limits)
+    for quantities in (requests, limits):
+        if spec.resources.gpus_per_node() and GPU_RESOURCE in quantities:
+            quantities[GPU_RESOURCE] = processes
     resources = spec.resources.model_copy(
         update={
             "nodes": options.nodes or spec.resources.nodes,
-            "processes_per_node": options.processes_per_node or spec.resources.processes_per_node,
+            "processes_per_node": processes,
             "image": LOCAL_IMAGE,
+            "requests": requests,
+            "limits": limits,
         }
     )
     checkpoint = spec.checkpoint.model_copy(
@@ -134,7 +143,7 @@ class LocalRun:
 
     def _base_env(self) -> dict[str, str]:
         resources = self.job.spec.resources
-        return local_base_env(resources.nodes * resources.processes_per_node)
+        return local_base_env(resources.nodes * resources.processes())
 
     def follow(self) -> int:
         """Show progress until every pod exits; the run's exit code."""
@@ -231,7 +240,7 @@ def run_job(job: FineTuneJob, options: RunOptions, console: Console) -> int:
     local_job, storage = localize_job(job, options)
     console.print(
         f"{local_job.metadata.name}: {local_job.spec.strategy.type.value} on {local_job.spec.model.source}, "
-        f"{local_job.spec.resources.nodes} node(s) x {local_job.spec.resources.processes_per_node} process(es), "
+        f"{local_job.spec.resources.nodes} node(s) x {local_job.spec.resources.processes()} process(es), "
         f"storage {storage}",
         markup=False,
     )

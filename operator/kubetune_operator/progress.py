@@ -21,6 +21,7 @@ LOSS = "kubetune_trainer_loss"
 SAMPLES_PER_SECOND = "kubetune_trainer_samples_per_second"
 TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
 ETA_SECONDS = "kubetune_trainer_eta_seconds"
+MODEL_FLOPS_UTILIZATION = "kubetune_trainer_model_flops_utilization"
 CHECKPOINT_STEP = "kubetune_trainer_checkpoint_step"
 CHECKPOINT_TIMESTAMP = "kubetune_trainer_checkpoint_timestamp_seconds"
 
@@ -67,6 +68,9 @@ def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], di
         rate = _value(samples, name)
         if rate is not None:
             progress[key] = round(rate, 3)
+    mfu = _value(samples, MODEL_FLOPS_UTILIZATION)
+    if mfu is not None and mfu > 0:
+        progress["modelFlopsUtilization"] = round(mfu, 4)
     eta = _value(samples, ETA_SECONDS)
     if eta is not None and eta >= 0:
         progress["eta"] = rfc3339(now + timedelta(seconds=eta))

@@ -24,7 +24,7 @@ from kubetune_operator.observe import AttemptState, Observed, PodState
 from kubetune_trainer.spec import ConditionType, FineTuneJob
 from kubetune_trainer.spec import runtime as rt
 
-PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss"})
+PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss", "OutOfMemory"})
 SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
 WAIT_FOR_CLEANUP_SECONDS = 1.0
 MESSAGE_LIMIT = 1024

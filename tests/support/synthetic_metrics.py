@@ -28,6 +28,7 @@ _GAUGE_VALUES = {
     "kubetune_trainer_grad_norm": 1.7,
     "kubetune_trainer_samples_per_second": 48.0,
     "kubetune_trainer_tokens_per_second": 6144.0,
+    "kubetune_trainer_model_flops_utilization": 0.41,
     "kubetune_trainer_eta_seconds": 950.0,
     "kubetune_trainer_checkpoint_step": 100.0,
     "kubetune_trainer_trainable_parameters": 295_682.0,

@@ -85,6 +85,26 @@ def test_golden_render(case: str) -> None:
     assert text == golden.read_text(), f"render differs from {golden}; rerun with KUBETUNE_UPDATE_GOLDEN=1"
 
 
+@pytest.mark.parametrize(
+    ("resources", "processes"),
+    [
+        ({"nodes": 2, "requests": {"nvidia.com/gpu": 4}}, 4),  # one process per requested GPU
+        ({"nodes": 2, "limits": {"nvidia.com/gpu": "2"}}, 2),  # GPU limits alone count too
+        ({"nodes": 1, "requests": {"cpu": "8"}}, 1),  # CPU-only pods: one process
+        ({"nodes": 1, "processesPerNode": 3}, 3),  # an explicit count on CPUs is kept
+    ],
+)
+def test_processes_per_node_defaults_to_the_gpu_request(resources: dict[str, Any], processes: int) -> None:
+    doc = _load("lora-sequence-classification.yaml")
+    doc["spec"]["resources"] = resources
+    children = desired_children(parse_job(doc), SETTINGS, attempt=1)
+    job = next(o for o in children if o["kind"] == "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--nproc-per-node={processes}" in args
+    config = json.loads(next(o for o in children if o["kind"] == "ConfigMap")["data"]["job.json"])
+    assert config["spec"]["resources"]["processesPerNode"] == processes  # the trainer sees the same count
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_children_validate_against_kubernetes_schema(case: str) -> None:
     for obj in desired_children(parse_job(CASES[case]()), SETTINGS, attempt=2):

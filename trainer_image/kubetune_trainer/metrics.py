@@ -35,6 +35,11 @@ class TrainerMetrics:
         self.tokens_total = Counter("kubetune_trainer_tokens", "Non-padding training tokens processed.", registry=r)
         self.samples_per_second = Gauge("kubetune_trainer_samples_per_second", "Training throughput.", registry=r)
         self.tokens_per_second = Gauge("kubetune_trainer_tokens_per_second", "Token throughput.", registry=r)
+        self.model_flops_utilization = Gauge(
+            "kubetune_trainer_model_flops_utilization",
+            "Model FLOPs utilization: achieved model FLOP/s per accelerator over its dense bf16 peak (0-1).",
+            registry=r,
+        )
         self.eta_seconds = Gauge("kubetune_trainer_eta_seconds", "Estimated seconds to the last step.", registry=r)
         self.step_seconds = Histogram(
             "kubetune_trainer_step_seconds", "Wall time of one optimizer step.", buckets=STEP_BUCKETS, registry=r

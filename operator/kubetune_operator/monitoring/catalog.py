@@ -53,6 +53,12 @@ TRAINER_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kubetune_trainer_tokens_total", "counter", "Training tokens processed."),
     MetricSpec("kubetune_trainer_samples_per_second", "gauge", "Training throughput in samples per second."),
     MetricSpec("kubetune_trainer_tokens_per_second", "gauge", "Training throughput in tokens per second."),
+    MetricSpec(
+        "kubetune_trainer_model_flops_utilization",
+        "gauge",
+        "Model FLOPs utilization: achieved model FLOP/s per accelerator over its dense bf16 peak (0-1).",
+        unit="ratio",
+    ),
     MetricSpec("kubetune_trainer_eta_seconds", "gauge", "Estimated seconds until the last step.", unit="seconds"),
     MetricSpec("kubetune_trainer_step_seconds", "histogram", "Wall time of one optimizer step.", unit="seconds"),
     MetricSpec(

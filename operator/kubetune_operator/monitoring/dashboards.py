@@ -337,6 +337,14 @@ def training() -> Dashboard:
                         unit="s",
                         width=6,
                     ),
+                    Panel(
+                        "Model FLOPs utilization",
+                        "Achieved model FLOP/s per accelerator over its dense bf16 peak (MFU); "
+                        "0 on CPUs or unknown accelerators without resources.acceleratorPeakTflops.",
+                        (Query(f"max({_trainer('kubetune_trainer_model_flops_utilization')})", "MFU"),),
+                        unit="percentunit",
+                        width=6,
+                    ),
                 ),
             ),
             Row(

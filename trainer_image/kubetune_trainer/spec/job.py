@@ -214,6 +214,13 @@ class DatasetSpec(KubeModel):
     max_eval_samples: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Use only the first N validation examples."
     )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "causal-lm only: pack several examples into each row of maxLength tokens (no padding); every "
+            "example keeps its own positions, attends only to itself, and no loss crosses a join."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- strategy
@@ -493,6 +500,20 @@ class TrainingSpec(KubeModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(default=42, description="Random seed.")
     log_every_steps: Annotated[int, Field(ge=1)] = Field(default=10, description="Steps between log lines.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation schedule.")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: much less activation memory for ~30 % more compute.",
+    )
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        default="sdpa",
+        description=(
+            "Attention kernel: sdpa (PyTorch scaled-dot-product attention), flash_attention_2 (needs the "
+            "flash-attn package in the image and a GPU) or eager (reference implementation)."
+        ),
+    )
+    compile: bool = Field(
+        default=False, description="Compile the model with torch.compile (slower start, faster steps on GPUs)."
+    )
 
 
 # --------------------------------------------------------------------------- deepspeed
@@ -563,12 +584,48 @@ ResourceMap = Annotated[
 ]
 
 
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _gpu_quantity(resources: Any) -> int | str | None:
+    # The pod's GPU count as written: requests first, then limits (which default to the requests).
+    value: int | str | None = resources.requests.get(GPU_RESOURCE, resources.limits.get(GPU_RESOURCE))
+    return value
+
+
 class ResourcesSpec(KubeModel):
     """How many workers, on what hardware."""
 
+    api_path: ClassVar[str] = "spec.resources"
+    api_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=(
+                "!has(self.processesPerNode) || "
+                f"((has(self.requests) && '{GPU_RESOURCE}' in self.requests) ? "
+                f"string(self.requests['{GPU_RESOURCE}']) in ['0', string(self.processesPerNode)] : "
+                f"(!has(self.limits) || !('{GPU_RESOURCE}' in self.limits) || "
+                f"string(self.limits['{GPU_RESOURCE}']) in ['0', string(self.processesPerNode)]))"
+            ),
+            message=(
+                f"processesPerNode must equal the pod's {GPU_RESOURCE} count in resources.requests (or "
+                "resources.limits): one training process per GPU; omit processesPerNode to take the GPU count"
+            ),
+            field="processesPerNode",
+            check=lambda r: (
+                r.processes_per_node is None
+                or _gpu_quantity(r) is None
+                or str(_gpu_quantity(r)) in ("0", str(r.processes_per_node))
+            ),
+        ),
+    )
+
     nodes: Annotated[int, Field(ge=1, le=4096)] = Field(default=1, description="Number of worker pods (nodes).")
-    processes_per_node: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=1, description="Training processes per pod, usually the number of GPUs per node."
+    processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        default=None,
+        description=(
+            "Training processes per pod: one per GPU. Defaults to the pod's nvidia.com/gpu request "
+            "(1 on CPU-only pods); when set with a GPU request the two must agree."
+        ),
     )
     image: Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)] | None = Field(
         default=None, description="Trainer image; the operator's default when omitted."
@@ -591,10 +648,22 @@ class ResourcesSpec(KubeModel):
     )
     shm_size: Quantity = Field(default="8Gi", description="Size of the in-memory /dev/shm volume.")
 
+    accelerator_peak_tflops: Annotated[float, Field(gt=0.0, le=100000.0)] | None = Field(
+        default=None,
+        description=(
+            "Dense bf16 peak TFLOP/s of one accelerator, the denominator of model FLOPs utilization (MFU); "
+            "taken from a table of known GPUs when omitted."
+        ),
+    )
+
     def gpus_per_node(self) -> int:
         """GPUs requested per pod (0 when the job runs on CPUs)."""
-        value = self.requests.get("nvidia.com/gpu", self.limits.get("nvidia.com/gpu", 0))
-        return int(value)
+        value = _gpu_quantity(self)
+        return int(float(value)) if value is not None else 0
+
+    def processes(self) -> int:
+        """Training processes per pod: ``processesPerNode``, else the GPU count, else 1."""
+        return self.processes_per_node or self.gpus_per_node() or 1
 
 
 # --------------------------------------------------------------------------- storage
@@ -761,6 +830,12 @@ class FineTuneJobSpec(KubeModel):
                     else s.training.evaluation.metric in _CLASSIFICATION_METRICS
                 )
             ),
+        ),
+        Rule(
+            cel="!has(self.dataset.packing) || !self.dataset.packing || self.model.task == 'causal-lm'",
+            message="packing applies to causal-lm only",
+            field="dataset.packing",
+            check=lambda s: not s.dataset.packing or s.model.task == Task.CAUSAL_LM,
         ),
         Rule(
             cel="!has(self.dataset.promptField) || self.model.task == 'causal-lm'",

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     INVALID_DATA = 11  # missing file or field, unknown label, empty dataset
     INVALID_MODEL = 12  # backbone missing or unloadable, strategy does not fit the model
     NON_FINITE_LOSS = 13  # loss became NaN or infinite
+    OUT_OF_MEMORY = 14  # the accelerator ran out of memory: the same spec fails the same way
     RETRYABLE = 20  # infrastructure trouble: storage unreachable, rendezvous failed
     PREEMPTED = 21  # SIGTERM: a checkpoint was committed, then the process exited
 

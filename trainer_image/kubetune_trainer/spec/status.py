@@ -60,6 +60,9 @@ class Progress(KubeModel):
     loss: float | None = Field(default=None, description="Latest total training loss.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput in tokens per second.")
     samples_per_second: float | None = Field(default=None, description="Training throughput in samples per second.")
+    model_flops_utilization: float | None = Field(
+        default=None, description="Model FLOPs utilization (0-1): achieved model FLOP/s over the accelerators' peak."
+    )
     eta: str | None = Field(default=None, description="Estimated completion time (RFC 3339).")
     updated: str | None = Field(default=None, description="When this progress was read (RFC 3339).")
 
