@@ -59,6 +59,13 @@ class NonFiniteLoss(TrainerError):  # noqa: N818 (named after the termination re
     reason = "NonFiniteLoss"
 
 
+class OutOfMemory(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """The accelerator ran out of memory (permanent: the same spec fails the same way)."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY
+    reason = "OutOfMemory"
+
+
 class StorageUnavailable(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """Object storage could not be reached (retryable)."""
 

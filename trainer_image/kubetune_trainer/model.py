@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.errors import InvalidModel
+from kubetune_trainer.errors import InvalidModel, InvalidSpec
 from kubetune_trainer.objective import apply_dropout_override
 from kubetune_trainer.spec import FineTuneJobSpec, Task
 
@@ -68,12 +68,46 @@ def load_backbone(spec: FineTuneJobSpec, path: Path, labels: list[str] | None) -
     apply_dropout_override(config, spec.objective.regularization.dropout)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+    attention = check_attention(spec.training.attention)
     try:
-        model, info = _auto_class(spec.model.task).from_pretrained(str(path), config=config, output_loading_info=True)
+        model, info = _auto_class(spec.model.task).from_pretrained(
+            str(path), config=config, output_loading_info=True, attn_implementation=attention
+        )
     except ValueError as exc:
+        if attention in str(exc):
+            raise InvalidSpec(
+                f"training.attention {attention}: model.source {source} does not support it ({exc}); use sdpa or eager"
+            ) from exc
         raise InvalidModel(
             f"model.source {source}: no {spec.model.task.value} head for this architecture ({exc})"
         ) from exc
     except Exception as exc:
         raise InvalidModel(f"model.source {source}: cannot load the weights ({exc})") from exc
+    if spec.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model, source)
     return Backbone(model=model, tokenizer=tokenizer, new_parameter_names=list(info.get("missing_keys", [])))
+
+
+def check_attention(attention: str) -> str:
+    """``training.attention`` if this image and machine can run it; :class:`InvalidSpec` naming the field otherwise."""
+    if attention == "flash_attention_2":
+        import torch
+        from transformers.utils.import_utils import is_flash_attn_2_available
+
+        if not torch.cuda.is_available():
+            raise InvalidSpec("training.attention flash_attention_2 needs a GPU; this worker has none (use sdpa)")
+        if not is_flash_attn_2_available():
+            raise InvalidSpec(
+                "training.attention flash_attention_2: the flash-attn package is not installed in the trainer "
+                "image (or does not fit its CUDA/torch); use sdpa, or an image with flash-attn"
+            )
+    return attention
+
+
+def enable_gradient_checkpointing(model: Any, source: str) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with frozen inputs, PEFT and ZeRO)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InvalidSpec(
+            f"training.gradientCheckpointing: model.source {source} ({type(model).__name__}) does not support it"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

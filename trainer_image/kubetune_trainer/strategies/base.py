@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -20,6 +21,16 @@ class StrategyContext:
     new_modules: tuple[str, ...] = ()
 
 
+class StepHook(Protocol):
+    """A strategy's own work around each optimizer step (AdaLoRA's rank budget)."""
+
+    def before_step(self, engine: Any) -> None:
+        """At the accumulation boundary, after backward and before ``engine.step()`` (gradients are there)."""
+
+    def after_step(self, engine: Any, step: int) -> None:
+        """After optimizer step ``step`` (1-based)."""
+
+
 @dataclass
 class Prepared:
     """The model after the strategy was applied.
@@ -27,6 +38,9 @@ class Prepared:
     ``publish_as`` tells ``publish.py`` what to write: ``"model"`` (full
     safetensors weights) or ``"peft"`` (a PEFT adapter).  ``num_virtual_tokens``
     is how many positions prompt tuning prepends to causal-LM logits.
+    ``extra_loss(model)`` is a term the strategy adds to the objective and
+    ``step_hook`` its work around each optimizer step; the training step calls
+    both without knowing which strategy they belong to.
     """
 
     model: Any
@@ -34,6 +48,8 @@ class Prepared:
     num_virtual_tokens: int = 0
     prefix_positions_in_logits: int = 0
     notes: list[str] = field(default_factory=list)
+    extra_loss: Callable[[Any], Any] | None = None
+    step_hook: StepHook | None = None
 
 
 def numel(param: Any) -> int:

@@ -159,9 +159,16 @@ def make(builder: Any, name: str) -> Any:
         # Prompt tuning prepends its virtual tokens to the sequence, so causal-LM
         # logits have that many extra leading positions.
         in_logits = virtual if ctx.task == Task.CAUSAL_LM else 0
-        return Prepared(
+        prepared = Prepared(
             model=wrapped, publish_as="peft", num_virtual_tokens=virtual, prefix_positions_in_logits=in_logits
         )
+        if name == "adalora":
+            from kubetune_trainer.strategies import adalora
+
+            if settings.orth_reg_weight > 0:
+                prepared.extra_loss = adalora.weighted_orthogonality(settings.orth_reg_weight)
+            prepared.step_hook = adalora.BudgetUpdate()
+        return prepared
 
     apply.__doc__ = f"Wrap the model with PEFT {name}."
     return apply

@@ -1,0 +1,90 @@
+"""AdaLoRA's two additions to training: the orthogonality regularizer and the rank-budget update.
+
+PEFT adds both only when the model computes its own loss and a Hugging Face
+Trainer steps it; kubetune computes the loss itself and DeepSpeed owns the
+gradients and the fp32 master weights, so they are done here and handed to
+the training step through :class:`~kubetune_trainer.strategies.base.Prepared`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def orthogonality(model: Any) -> Tensor:
+    """AdaLoRA's regularizer: mean ‖PPᵀ − I‖_F over the A and B matrices (peft/tuners/adalora/model.py)."""
+    total: Tensor | None = None
+    count = 0
+    device: torch.device | None = None
+    for name, p in model.named_parameters():
+        device = device or p.device
+        if ("lora_A" in name or "lora_B" in name) and p.requires_grad and p.numel() > 0:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            term = torch.norm(cov - eye, p="fro")
+            total = term if total is None else total + term
+            count += 1
+    if total is None:
+        return torch.zeros((), device=device)
+    return total / count
+
+
+def weighted_orthogonality(weight: float) -> Any:
+    """The extra loss term ``weight · orthogonality(model)``."""
+
+    def term(model: Any) -> Tensor:
+        return weight * orthogonality(model)
+
+    return term
+
+
+def _task_model(engine: Any) -> Any:
+    # With an auxiliary loss the engine holds TaskWithAuxiliary; the PeftModel is its task model.
+    return getattr(engine.module, "task_model", engine.module)
+
+
+@dataclass
+class BudgetUpdate:
+    """AdaLoRA's rank-budget update after every optimizer step, on DeepSpeed-owned gradients and weights.
+
+    PEFT's ``update_and_allocate`` reads ``p.grad`` and masks ``lora_E`` in
+    place.  DeepSpeed has cleared the grads by then (ZeRO keeps them in its own
+    partitions) and would overwrite the in-place mask from its fp32 master
+    copy at the next step, so the full gradients are taken before the step,
+    put back for the call, and the masked values are pushed into the
+    optimizer's copy afterwards.  The gradients stay on the device.
+    """
+
+    _grads: dict[str, Tensor] = field(default_factory=dict)
+
+    def before_step(self, engine: Any) -> None:
+        """Keep the full gradients of the AdaLoRA parameters (DeepSpeed holds them in its partitions)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        self._grads = {}
+        for name, param in _task_model(engine).named_parameters():
+            if "lora_" in name and param.requires_grad:
+                grad = safe_get_full_grad(param)
+                if grad is not None:
+                    self._grads[name] = grad.detach().clone()
+
+    def after_step(self, engine: Any, step: int) -> None:
+        """Prune ranks for ``step`` and write the masked values back into DeepSpeed's master weights."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        model = _task_model(engine)
+        named = dict(model.named_parameters())
+        for name, grad in self._grads.items():
+            named[name].grad = grad
+        model.base_model.update_and_allocate(step)
+        for name in self._grads:
+            named[name].grad = None
+        self._grads = {}
+        with torch.no_grad():
+            for name, param in named.items():
+                if "lora_E" in name and param.requires_grad:
+                    safe_set_full_fp32_param(param, param.data.clone())
