@@ -78,7 +78,15 @@ ALL_CASES = [
     Case("full", "sequence-classification", 2, "objective"),
     Case("lora", "token-classification", 2, "auxiliary"),
     Case("lora", "sequence-classification", 2, "merged"),  # output.mergeAdapter: true
+    # LLM throughput settings end to end: packed rows, and recomputed activations under ZeRO-3.
+    Case("full", "causal-lm", 2, "packed"),
+    Case("lora", "causal-lm", 3, "checkpointing"),
 ]
+# Spec sections a variant adds (merged into the case's spec).
+VARIANT_SPEC: dict[str, dict[str, dict[str, Any]]] = {
+    "packed": {"dataset": {"packing": True}},
+    "checkpointing": {"training": {"gradientCheckpointing": True}},
+}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "objective": {
         "labelSmoothing": 0.1,
@@ -114,7 +122,7 @@ def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
         }
     else:
         dataset |= {"train": str(data / "lm-train.jsonl"), "validation": str(data / "lm-val.jsonl")}
-    return {
+    spec = {
         "model": model,
         "dataset": dataset,
         "strategy": {"type": case.strategy, **SETTINGS.get(case.strategy, {})},
@@ -140,6 +148,9 @@ def _spec(case: Case, root: Path, backbones: dict[str, Path]) -> dict[str, Any]:
             else {}
         ),
     }
+    for section, values in VARIANT_SPEC.get(case.variant, {}).items():
+        spec[section] = {**spec[section], **values}
+    return spec
 
 
 @dataclass

@@ -6,7 +6,8 @@ per-rank results travel over the session's gloo side group (never as CPU
 tensors on NCCL).  Metric math is in :mod:`kubetune_trainer.evaluation`.
 
 Rank 0 also keeps a small *sample*: the inputs of the first evaluation batch
-(at most :data:`SAMPLE_ROWS` rows, cut to fit :data:`SAMPLE_ELEMENTS` logits)
+(as many rows as fit :data:`SAMPLE_ELEMENTS` logits; a prefix of one row when
+not even one does)
 and the trainer's logits for them, so a test can check that the published
 model reproduces what the trainer computed.  It never holds a whole batch of
 full-vocabulary logits.
@@ -27,7 +28,6 @@ from kubetune_trainer.losses import Objective
 from kubetune_trainer.session import Session
 from kubetune_trainer.spec import Task
 
-SAMPLE_ROWS = 2
 SAMPLE_ELEMENTS = 4 * 1024 * 1024  # logits kept for the sample (16 MiB in fp32)
 
 
@@ -120,17 +120,17 @@ class Evaluator:
         return results
 
     def _sample(self, engine: Any, batch: Batch) -> dict[str, Any]:
-        """The first rows of ``batch`` (cut to fit) with the model's logits for them, on the host."""
-        rows = min(SAMPLE_ROWS, batch.labels.shape[0])
+        """The first rows of ``batch`` (as many as fit the budget) with the model's logits for them, on the host."""
+        width = batch.inputs["input_ids"].shape[1]
+        per_row = width * _output_width(engine, self.objective.task)
+        rows = max(1, min(batch.labels.shape[0], SAMPLE_ELEMENTS // max(1, per_row)))
         inputs = {k: v[:rows] for k, v in batch.inputs.items() if not k.startswith("aux_")}
-        width = inputs["input_ids"].shape[1]
-        vocab_like = _output_width(engine, self.objective.task)
-        keep = max(1, min(width, SAMPLE_ELEMENTS // max(1, rows * vocab_like)))
         labels = batch.labels[:rows]
-        if keep < width and labels.dim() == 2:  # per-token outputs: a causal prefix keeps its logits
+        keep = max(1, min(width, SAMPLE_ELEMENTS // max(1, per_row // width)))
+        if keep < width and labels.dim() == 2:  # one row of per-token logits is still too big: a prefix of it
             inputs = {k: v[:, :keep] for k, v in inputs.items()}
             labels = labels[:, :keep]
-        logits = engine(**inputs).logits  # the loss head returns logits when no targets are set
+        logits = engine(**inputs, **self.objective.call_options).logits  # no targets set: the loss head gives logits
         return {k: v.cpu() for k, v in inputs.items()} | {
             "logits": logits.detach().float().cpu(),
             "kubetune_labels": labels.cpu(),  # what the logits are scored against (masked-LM: masked ids)

@@ -279,7 +279,9 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
     objective = Objective(
         spec,
         prefix_positions=built.prepared.prefix_positions_in_logits,
-        anchors=session.placement.tensors(built.anchors) if built.anchors is not None else None,  # moved once, kept there
+        anchors=session.placement.tensors(built.anchors)
+        if built.anchors is not None
+        else None,  # moved once, kept there
         loss_head=built.loss_head,
         extra_loss=built.prepared.extra_loss,
     )

@@ -61,6 +61,10 @@ class Objective:
         self.anchors = anchors
         self.loss_head = loss_head
         self.extra_loss = extra_loss  # a strategy's own term (AdaLoRA's orthogonality regularizer)
+        # A causal LM called with its default use_cache=True builds a KV cache it never needs in
+        # training, and with a cache transformers ignores packed rows' position_ids: documents
+        # would attend to each other.
+        self.call_options: dict[str, Any] = {"use_cache": False} if self.task == Task.CAUSAL_LM else {}
 
     # ------------------------------------------------------------------ alignment
 
@@ -91,7 +95,7 @@ class Objective:
         else:
             scope = contextlib.nullcontext()
         with scope:
-            outputs = engine(**batch.inputs)
+            outputs = engine(**batch.inputs, **self.call_options)
         if fused:
             loss_sum, count = outputs.logits[0], outputs.logits[1]
             return TaskOutput(loss_sum / count.clamp(min=1), loss_sum, count, None, batch.labels), outputs

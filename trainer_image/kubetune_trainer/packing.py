@@ -7,7 +7,8 @@ position that does not follow its predecessor starts a new document, and the
 attention mask it builds lets a token see only earlier tokens of its own
 document (sdpa and eager through a block-diagonal causal mask; flash
 attention through varlen kernels, which need the whole micro-batch flattened
-into one row).  The first label of every document is ignored, so no loss
+into one row).  It only does so without a KV cache: the trainer calls causal
+LMs with ``use_cache=False``.  The first label of every document is ignored, so no loss
 term ever predicts one document's first token from the end of another: the
 per-document losses are those of unpacked rows.
 
