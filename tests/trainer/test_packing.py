@@ -69,7 +69,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _documents(seed: int) -> list[Example]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (test data, not security)
     return [Example([rng.randrange(5, vocab_size()) for _ in range(rng.randint(2, 11))], None) for _ in range(9)]
 
 

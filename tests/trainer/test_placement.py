@@ -95,8 +95,10 @@ def test_feeder_builds_every_tensor_on_the_rank_device(
     for position in range(feeder.batches_per_epoch + 1):  # across an epoch boundary
         batch = feeder.batch(position)
         devices = _devices(batch.tensors())
-        assert devices and set(devices.values()) == {"meta"}, devices
-        assert batch.samples > 0 and batch.tokens > 0  # counted on the host, before the move
+        assert devices
+        assert set(devices.values()) == {"meta"}, devices
+        assert batch.samples > 0  # counted on the host, before the move
+        assert batch.tokens > 0
     for _, batch in eval_batches(examples, feeder.batcher, META, micro_batch_size=4, rank=0, world_size=1):
         assert set(_devices(batch.tensors()).values()) == {"meta"}
 
