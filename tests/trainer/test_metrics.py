@@ -18,6 +18,7 @@ CONTRACT = [
     "kubetune_trainer_tokens_total",
     "kubetune_trainer_samples_per_second",
     "kubetune_trainer_tokens_per_second",
+    "kubetune_trainer_model_flops_utilization",
     "kubetune_trainer_eta_seconds",
     "kubetune_trainer_step_seconds",
     "kubetune_trainer_last_step_timestamp_seconds",
@@ -49,6 +50,7 @@ def test_endpoint_serves_the_contract_names() -> None:
         total_steps=10,
     )
     metrics.record_eval({"accuracy": 0.9, "f1": 0.8})
+    metrics.model_flops_utilization.set(0.41)
     metrics.checkpoint_seconds.labels(phase="save").observe(1.0)
     metrics.checkpoint_fallbacks_total.inc(0)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -110,4 +110,8 @@ def enable_gradient_checkpointing(model: Any, source: str) -> None:
         raise InvalidSpec(
             f"training.gradientCheckpointing: model.source {source} ({type(model).__name__}) does not support it"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.2x renamed it (activation_*); earlier 5.x releases only have the gradient_* name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
