@@ -144,8 +144,8 @@ def test_batch_triple_and_core_mapping() -> None:
     assert config["optimizer"]["type"] == "AdamW"
     assert params["lr"] == 3e-5
     assert params["weight_decay"] == 0.01
-    assert params["torch_adam"] is True  # CPU: torch's AdamW instead of the compiled FusedAdam
-    assert params["fused"] is True  # ... with its fused CPU kernel
+    assert params["torch_adam"] is True  # torch's AdamW instead of DeepSpeed's compiled FusedAdam
+    assert params["fused"] is True  # ... with its fused kernel
     assert config["steps_per_print"] >= 10**9
     assert config["wall_clock_breakdown"] is False
 
@@ -163,7 +163,11 @@ def test_cpu_forces_fp32_and_says_so() -> None:
 
 
 def test_gpu_precision_blocks() -> None:
-    assert _build("stage2-gpu-bf16")["bf16"] == {"enabled": True}
+    gpu = _build("stage2-gpu-bf16")
+    assert gpu["bf16"] == {"enabled": True}
+    # GPUs too: torch's fused CUDA AdamW (the HF Trainer's adamw_torch_fused), no op to compile at start-up.
+    assert gpu["optimizer"]["params"]["torch_adam"] is True
+    assert gpu["optimizer"]["params"]["fused"] is True
     fp16 = _build("precision-fp16-gpu")
     assert fp16["fp16"]["enabled"] is True
     assert fp16["fp16"]["loss_scale"] == 0  # dynamic

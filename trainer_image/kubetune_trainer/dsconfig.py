@@ -14,10 +14,10 @@ Things DeepSpeed does that the mapping works around (see the scheduler code):
   their default warm-up curve is logarithmic.  We ask for a linear curve
   when warming up, and emulate "no warm-up" per scheduler so that the run
   starts at the peak learning rate (see :func:`_scheduler`).
-* On CPU, DeepSpeed's ``AdamW`` type means ``FusedAdam``, a C++ op compiled
+* DeepSpeed's ``AdamW`` type means its ``FusedAdam``, a C++/CUDA op compiled
   at start-up; ``torch_adam: true`` selects ``torch.optim.AdamW`` instead
   (same update rule), and ``fused: true`` (passed through to torch) its
-  fused CPU kernel.  With ZeRO-Offload DeepSpeed insists on its own
+  fused CPU/CUDA kernel.  With ZeRO-Offload DeepSpeed insists on its own
   ``DeepSpeedCPUAdam``, so ``torch_adam`` is not set then.
 """
 
@@ -232,10 +232,12 @@ def build_deepspeed_config(spec: FineTuneJobSpec, *, world_size: int, cpu: bool,
         "eps": ADAM_EPS,
         "weight_decay": spec.objective.regularization.weight_decay,
     }
-    if cpu and spec.deepspeed.offload_optimizer != "cpu":
-        # torch's AdamW, fused: on CPU torch defaults to the per-tensor
-        # for-loop implementation, which took a quarter of each step for
-        # MiniLM (py-spy); the fused CPU kernel is ~5x faster.
+    if spec.deepspeed.offload_optimizer != "cpu":
+        # torch's fused AdamW (what the HF Trainer's adamw_torch_fused runs): on CPU torch
+        # otherwise uses the per-tensor for-loop implementation, which took a quarter of each
+        # step for MiniLM (py-spy; the fused kernel is ~5x faster); on GPUs DeepSpeed's own
+        # FusedAdam is a C++/CUDA op built at start-up (a minute of nvcc where the image did not
+        # prebuild it) for the same multi-tensor update.
         optimizer_params["torch_adam"] = True
         optimizer_params["fused"] = True
     config: dict[str, Any] = {

@@ -30,6 +30,7 @@ class Reporter:
     samples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    steady: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # samples, tokens, seconds after warm-up
     _window: list[float] = field(default_factory=lambda: [0.0, 0.0, time.time()])  # samples, tokens, start
 
     def step(self, stats: StepStats) -> None:
@@ -37,6 +38,12 @@ class Reporter:
         self.samples += stats.samples
         self.tokens += stats.tokens
         self.seconds += stats.seconds
+        if stats.step > self.warmup_steps:
+            self.steady = [
+                self.steady[0] + stats.samples,
+                self.steady[1] + stats.tokens,
+                self.steady[2] + stats.seconds,
+            ]
         epoch = stats.position / self.batches_per_epoch
         self.metrics.record_step(
             step=stats.step,
@@ -68,6 +75,11 @@ class Reporter:
             print(line, file=sys.stderr, flush=True)
             self._window = [0.0, 0.0, time.time()]
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps left out of the steady-state figures (allocator growth, compilation, cache warm-up)."""
+        return min(10, self.total_steps // 3)
+
     def step_mfu(self, stats: StepStats) -> float | None:
         """MFU of one step (None without a known accelerator peak)."""
         if stats.seconds <= 0:
@@ -89,4 +101,16 @@ class Reporter:
         if mfu is not None:
             figures["modelFlopsUtilization"] = mfu
             figures["peakTflopsPerDevice"] = self.peak_tflops
+        samples, tokens, steady_seconds = self.steady
+        if steady_seconds > 0:
+            figures["steadyState"] = {
+                "afterSteps": self.warmup_steps,
+                "samplesPerSecond": samples / steady_seconds,
+                "tokensPerSecond": tokens / steady_seconds,
+            }
+            steady_mfu = utilization(
+                tokens / steady_seconds / self.session.world_size, self.flops_per_token, self.peak_tflops
+            )
+            if steady_mfu is not None:
+                figures["steadyState"]["modelFlopsUtilization"] = steady_mfu
         return figures
