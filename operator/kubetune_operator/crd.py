@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from kubetune_operator import names
 from kubetune_trainer.spec import GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
 from kubetune_trainer.spec._base import Rule
 
@@ -208,7 +209,7 @@ def custom_resource_definition() -> JsonSchema:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+            "labels": {names.LABEL_NAME: names.APP_NAME, names.LABEL_PART_OF: names.APP_NAME},
         },
         "spec": {
             "group": GROUP,

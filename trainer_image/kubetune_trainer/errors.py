@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.spec.runtime import DEFAULT_TERMINATION_LOG, ENV_TERMINATION_LOG, ExitCode
+from kubetune_trainer.spec.runtime import DEFAULT_TERMINATION_LOG, ENV_TERMINATION_LOG, ExitCode, reason_of
 from kubetune_trainer.spec.termination import TerminationMessage
 
 
@@ -33,28 +33,28 @@ class InvalidSpec(TrainerError):  # noqa: N818 (named after the termination reas
     """The trainer config does not validate (permanent)."""
 
     exit_code = ExitCode.INVALID_SPEC
-    reason = "InvalidSpec"
+    reason = reason_of(exit_code)
 
 
 class InvalidData(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """Missing file or field, unknown label, empty dataset (permanent)."""
 
     exit_code = ExitCode.INVALID_DATA
-    reason = "InvalidData"
+    reason = reason_of(exit_code)
 
 
 class InvalidModel(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """The backbone is missing or unloadable, or the strategy does not fit it (permanent)."""
 
     exit_code = ExitCode.INVALID_MODEL
-    reason = "InvalidModel"
+    reason = reason_of(exit_code)
 
 
 class NonFiniteLoss(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """The loss became NaN or infinite (permanent: retrying replays the same data)."""
 
     exit_code = ExitCode.NON_FINITE_LOSS
-    reason = "NonFiniteLoss"
+    reason = reason_of(exit_code)
 
 
 class StorageUnavailable(TrainerError):  # noqa: N818 (named after the termination reason it reports)

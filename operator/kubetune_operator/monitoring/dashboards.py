@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kubetune_operator.monitoring._generated import write_or_check
-from kubetune_operator.monitoring.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
+from kubetune_trainer.spec import catalog as m
+from kubetune_trainer.spec.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
 
 DEFAULT_DIR = Path("charts/kubetune/dashboards")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -116,7 +117,7 @@ def overview() -> Dashboard:
                         (
                             Query(
                                 f"count(count by (namespace, {JOB_NAME_LABEL}) "
-                                f'(kubetune_trainer_step{{job="{TRAINER_SCRAPE_JOB}"}}))',
+                                f"({m.STEP.select(job=TRAINER_SCRAPE_JOB)}))",
                                 "jobs",
                             ),
                         ),
@@ -131,26 +132,26 @@ def overview() -> Dashboard:
                     Panel(
                         "FineTuneJobs by phase",
                         "Number of FineTuneJobs in each phase (max over operator replicas).",
-                        (Query("max by (phase) (kubetune_operator_jobs)", "{{phase}}"),),
+                        (Query(f"max by (phase) ({m.OPERATOR_JOBS.name})", "{{phase}}"),),
                         width=12,
                     ),
                     Panel(
                         "Gang restarts",
                         "New attempts the operator created after retryable failures.",
-                        (Query(f"sum(increase(kubetune_operator_restarts_total[{RATE}]))", "restarts"),),
+                        (Query(f"sum(increase({m.OPERATOR_RESTARTS_TOTAL.name}[{RATE}]))", "restarts"),),
                         width=12,
                     ),
                     Panel(
                         "Time to Running",
                         "Seconds from FineTuneJob creation to phase Running (scheduling, image pull, rendezvous).",
-                        _quantiles("kubetune_operator_time_to_running_seconds", ""),
+                        _quantiles(m.TIME_TO_RUNNING_SECONDS.name, ""),
                         unit="s",
                         width=8,
                     ),
                     Panel(
                         "Job duration",
                         "Seconds from creation to Succeeded or Failed.",
-                        _quantiles("kubetune_operator_job_duration_seconds", ""),
+                        _quantiles(m.JOB_DURATION_SECONDS.name, ""),
                         unit="s",
                         width=8,
                     ),
@@ -158,10 +159,10 @@ def overview() -> Dashboard:
                         "Training jobs",
                         "Step, total steps and loss of every job Prometheus scrapes.",
                         (
-                            Query(f"max by (namespace, {JOB_NAME_LABEL}) (kubetune_trainer_step)", "step"),
-                            Query(f"max by (namespace, {JOB_NAME_LABEL}) (kubetune_trainer_total_steps)", "total"),
+                            Query(f"max by (namespace, {JOB_NAME_LABEL}) ({m.STEP.name})", "step"),
+                            Query(f"max by (namespace, {JOB_NAME_LABEL}) ({m.TOTAL_STEPS.name})", "total"),
                             Query(
-                                f'max by (namespace, {JOB_NAME_LABEL}) (kubetune_trainer_loss{{component="total"}})',
+                                f"max by (namespace, {JOB_NAME_LABEL}) ({m.LOSS.select(component='total')})",
                                 "loss",
                             ),
                         ),
@@ -176,21 +177,21 @@ def overview() -> Dashboard:
                     Panel(
                         "Reconcile latency",
                         "Duration of one reconcile of a FineTuneJob.",
-                        _quantiles("kubetune_operator_reconcile_seconds", "", qs=(0.5, 0.95, 0.99)),
+                        _quantiles(m.RECONCILE_SECONDS.name, "", qs=(0.5, 0.95, 0.99)),
                         unit="s",
                         width=8,
                     ),
                     Panel(
                         "Reconciles per second",
                         "Reconciles the operator runs (create/update/resume and child events).",
-                        (Query(f"sum(rate(kubetune_operator_reconcile_seconds_count[{RATE}]))", "reconciles"),),
+                        (Query(f"sum(rate({m.RECONCILE_SECONDS.count}[{RATE}]))", "reconciles"),),
                         unit="ops",
                         width=8,
                     ),
                     Panel(
                         "Reconcile errors per second",
                         "Reconciles that raised; the ReconcileErrors alert fires when this stays above zero.",
-                        (Query(f"sum(rate(kubetune_operator_reconcile_errors_total[{RATE}]))", "errors"),),
+                        (Query(f"sum(rate({m.RECONCILE_ERRORS_TOTAL.name}[{RATE}]))", "errors"),),
                         unit="ops",
                         width=8,
                     ),
@@ -202,8 +203,8 @@ def overview() -> Dashboard:
 
 def training() -> Dashboard:
     """One job's training: progress, loss components, evaluation, optimizer, throughput, checkpoints, memory."""
-    namespace_query = "label_values(kubetune_trainer_step, namespace)"
-    job_query = f'label_values(kubetune_trainer_step{{namespace="$namespace"}}, {JOB_NAME_LABEL})'
+    namespace_query = f"label_values({m.STEP.name}, namespace)"
+    job_query = f"label_values({m.STEP.select(namespace='$namespace')}, {JOB_NAME_LABEL})"
     return Dashboard(
         uid="kubetune-training",
         title="kubetune / Training",
@@ -219,19 +220,14 @@ def training() -> Dashboard:
                     Panel(
                         "Step",
                         "Optimizer steps completed.",
-                        (Query(f"max({_trainer('kubetune_trainer_step')})"),),
+                        (Query(f"max({_trainer(m.STEP.name)})"),),
                         kind="stat",
                         width=4,
                     ),
                     Panel(
                         "Progress",
                         "Steps completed out of the total.",
-                        (
-                            Query(
-                                f"max({_trainer('kubetune_trainer_step')}) / "
-                                f"max({_trainer('kubetune_trainer_total_steps')})"
-                            ),
-                        ),
+                        (Query(f"max({_trainer(m.STEP.name)}) / max({_trainer(m.TOTAL_STEPS.name)})"),),
                         kind="stat",
                         unit="percentunit",
                         width=4,
@@ -239,14 +235,14 @@ def training() -> Dashboard:
                     Panel(
                         "Epoch",
                         "Current epoch.",
-                        (Query(f"max({_trainer('kubetune_trainer_epoch')})"),),
+                        (Query(f"max({_trainer(m.EPOCH.name)})"),),
                         kind="stat",
                         width=4,
                     ),
                     Panel(
                         "ETA",
                         "Estimated time to the last step.",
-                        (Query(f"max({_trainer('kubetune_trainer_eta_seconds')})"),),
+                        (Query(f"max({_trainer(m.ETA_SECONDS.name)})"),),
                         kind="stat",
                         unit="s",
                         width=4,
@@ -254,7 +250,7 @@ def training() -> Dashboard:
                     Panel(
                         "Time since last step",
                         "Seconds since a step finished; TrainingStalled fires above 15 minutes.",
-                        (Query(f"time() - max({_trainer('kubetune_trainer_last_step_timestamp_seconds')})"),),
+                        (Query(f"time() - max({_trainer(m.LAST_STEP_TIMESTAMP.name)})"),),
                         kind="stat",
                         unit="s",
                         width=4,
@@ -263,8 +259,8 @@ def training() -> Dashboard:
                         "Parameters",
                         "Trainable parameters (what the strategy updates) and all parameters of the model.",
                         (
-                            Query(f"max({_trainer('kubetune_trainer_trainable_parameters')})", "trainable"),
-                            Query(f"max({_trainer('kubetune_trainer_parameters')})", "total"),
+                            Query(f"max({_trainer(m.TRAINABLE_PARAMETERS.name)})", "trainable"),
+                            Query(f"max({_trainer(m.PARAMETERS.name)})", "total"),
                         ),
                         kind="stat",
                         width=4,
@@ -277,31 +273,31 @@ def training() -> Dashboard:
                     Panel(
                         "Loss components",
                         "Loss of the last step: total = task + auxiliary + l2sp.",
-                        (Query(f"max by (component) ({_trainer('kubetune_trainer_loss')})", "{{component}}"),),
+                        (Query(f"max by (component) ({_trainer(m.LOSS.name)})", "{{component}}"),),
                         width=8,
                     ),
                     Panel(
                         "Evaluation",
                         "Last evaluation result by metric.",
-                        (Query(f"max by (metric) ({_trainer('kubetune_trainer_eval')})", "{{metric}}"),),
+                        (Query(f"max by (metric) ({_trainer(m.EVAL.name)})", "{{metric}}"),),
                         width=8,
                     ),
                     Panel(
                         "Non-finite losses",
                         "Steps whose loss was NaN or infinite (LossNotFinite fires on any).",
-                        (Query(f"max({_trainer('kubetune_trainer_nonfinite_loss_total')})", "non-finite steps"),),
+                        (Query(f"max({_trainer(m.NONFINITE_LOSS_TOTAL.name)})", "non-finite steps"),),
                         width=8,
                     ),
                     Panel(
                         "Learning rate",
                         "Learning rate of the last step (after warmup and schedule).",
-                        (Query(f"max({_trainer('kubetune_trainer_learning_rate')})", "lr"),),
+                        (Query(f"max({_trainer(m.LEARNING_RATE.name)})", "lr"),),
                         width=12,
                     ),
                     Panel(
                         "Gradient norm",
                         "Global gradient norm before clipping.",
-                        (Query(f"max({_trainer('kubetune_trainer_grad_norm')})", "grad norm"),),
+                        (Query(f"max({_trainer(m.GRAD_NORM.name)})", "grad norm"),),
                         width=12,
                     ),
                 ),
@@ -312,28 +308,28 @@ def training() -> Dashboard:
                     Panel(
                         "Samples per second",
                         "Training samples per second for the whole job.",
-                        (Query(f"max({_trainer('kubetune_trainer_samples_per_second')})", "samples/s"),),
+                        (Query(f"max({_trainer(m.SAMPLES_PER_SECOND.name)})", "samples/s"),),
                         width=6,
                     ),
                     Panel(
                         "Tokens per second",
                         "Training tokens per second for the whole job.",
-                        (Query(f"max({_trainer('kubetune_trainer_tokens_per_second')})", "tokens/s"),),
+                        (Query(f"max({_trainer(m.TOKENS_PER_SECOND.name)})", "tokens/s"),),
                         width=6,
                     ),
                     Panel(
                         "Samples and tokens processed",
                         "Samples and tokens processed by the current attempt (counters restart with each attempt).",
                         (
-                            Query(f"max({_trainer('kubetune_trainer_samples_total')})", "samples"),
-                            Query(f"max({_trainer('kubetune_trainer_tokens_total')})", "tokens"),
+                            Query(f"max({_trainer(m.SAMPLES_TOTAL.name)})", "samples"),
+                            Query(f"max({_trainer(m.TOKENS_TOTAL.name)})", "tokens"),
                         ),
                         width=6,
                     ),
                     Panel(
                         "Step time",
                         "Wall time of one optimizer step, p50 and p95.",
-                        _quantiles("kubetune_trainer_step_seconds", JOB_SELECTOR),
+                        _quantiles(m.STEP_SECONDS.name, JOB_SELECTOR),
                         unit="s",
                         width=6,
                     ),
@@ -341,7 +337,7 @@ def training() -> Dashboard:
                         "Model FLOPs utilization",
                         "Achieved model FLOP/s per accelerator over its dense bf16 peak (MFU); "
                         "0 on CPUs or unknown accelerators without resources.acceleratorPeakTflops.",
-                        (Query(f"max({_trainer('kubetune_trainer_model_flops_utilization')})", "MFU"),),
+                        (Query(f"max({_trainer(m.MODEL_FLOPS_UTILIZATION.name)})", "MFU"),),
                         unit="percentunit",
                         width=6,
                     ),
@@ -353,18 +349,14 @@ def training() -> Dashboard:
                     Panel(
                         "Checkpoint durations",
                         "p50 and p95 of each checkpoint phase: save, upload, commit, restore.",
-                        _quantiles("kubetune_trainer_checkpoint_seconds", JOB_SELECTOR, by="phase"),
+                        _quantiles(m.CHECKPOINT_SECONDS.name, JOB_SELECTOR, by="phase"),
                         unit="s",
                         width=8,
                     ),
                     Panel(
                         "Checkpoint upload rate",
                         "Checkpoint bytes uploaded per second.",
-                        (
-                            Query(
-                                f"sum(rate({_trainer('kubetune_trainer_checkpoint_bytes_total')}[{RATE}]))", "bytes/s"
-                            ),
-                        ),
+                        (Query(f"sum(rate({_trainer(m.CHECKPOINT_BYTES_TOTAL.name)}[{RATE}]))", "bytes/s"),),
                         unit="Bps",
                         width=8,
                     ),
@@ -372,12 +364,12 @@ def training() -> Dashboard:
                         "Last checkpoint",
                         "Step of the last committed checkpoint, its age, and restores that fell back past a bad one.",
                         (
-                            Query(f"max({_trainer('kubetune_trainer_checkpoint_step')})", "step"),
+                            Query(f"max({_trainer(m.CHECKPOINT_STEP.name)})", "step"),
                             Query(
-                                f"time() - max({_trainer('kubetune_trainer_checkpoint_timestamp_seconds')})",
+                                f"time() - max({_trainer(m.CHECKPOINT_TIMESTAMP.name)})",
                                 "age (s)",
                             ),
-                            Query(f"max({_trainer('kubetune_trainer_checkpoint_fallbacks_total')})", "fallbacks"),
+                            Query(f"max({_trainer(m.CHECKPOINT_FALLBACKS_TOTAL.name)})", "fallbacks"),
                         ),
                         kind="stat",
                         width=8,
@@ -392,7 +384,7 @@ def training() -> Dashboard:
                         "Allocated and reserved accelerator memory and host RSS of each pod's local rank 0.",
                         (
                             Query(
-                                f"max by (pod, kind) ({_trainer('kubetune_trainer_accelerator_memory_bytes')})",
+                                f"max by (pod, kind) ({_trainer(m.ACCELERATOR_MEMORY_BYTES.name)})",
                                 "{{pod}} {{kind}}",
                             ),
                         ),
