@@ -90,7 +90,7 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[ResolvedJob, Pa
         update={
             "nodes": options.nodes or spec.resources.nodes,
             "processes_per_node": processes,
-            "image": "",
+            "image": LOCAL_IMAGE,
             "requests": requests,
             "limits": limits,
         }

@@ -2,7 +2,7 @@
 
 Children are found again by name, never by a generated one: a reconcile that
 runs twice (kopf delivers at least once) finds what the first one created.
-``tests/test_single_definitions.py`` fails when a label or annotation key, or the
+``tests/unit/test_single_definitions.py`` fails when a label or annotation key, or the
 ``<name>-a<attempt>`` naming, is spelled anywhere else in ``operator/``.
 """
 

@@ -3,7 +3,7 @@
 The trainer's :mod:`kubetune_trainer.metrics` and the operator's metrics build
 their instruments from these entries (:func:`instrument`), the operator's progress
 reader looks samples up by them, and the Grafana dashboards and Prometheus alert
-rules write their PromQL with them; ``tests/test_single_definitions.py`` fails when
+rules write their PromQL with them; ``tests/unit/test_single_definitions.py`` fails when
 a metric name is spelled anywhere else in ``operator/`` or ``trainer_image/``.
 
 Every label has a closed set of values so the series count of a job is bounded:
