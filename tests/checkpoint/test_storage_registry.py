@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.storage import StorageError, open_store, register_scheme, schemes, unregister_scheme
+from kubetune_trainer.storage import StorageError, local_path, open_store, register_scheme, schemes, unregister_scheme
 from kubetune_trainer.storage.registry import StoreOptions
 from tests.checkpoint import tiny, toy_storage
 
@@ -65,3 +65,19 @@ def test_a_checkpoint_round_trips_through_a_registered_scheme(tmp_path: Path) ->
     )
     for step in range(11, 16):  # resuming from the toy store continues exactly where the uninterrupted run is
         assert abs(resumed.losses[step] - reference.losses[step]) <= 1e-6, (step, resumed.losses, reference.losses)
+
+
+def test_local_paths_of_local_uris(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path / "pvc"))
+    assert local_path("file:///data/train.jsonl") == Path("/data/train.jsonl")
+    assert local_path("file://localhost/data/x") == Path("/data/x")
+    assert local_path("file://data/x.jsonl") == Path("data/x.jsonl")  # data URIs may be relative
+    assert local_path("pvc://datasets/reviews/train.jsonl") == tmp_path / "pvc" / "datasets/reviews/train.jsonl"
+    assert local_path("relative/train.csv") == Path("relative/train.csv")
+    assert local_path("s3://bucket/x") is None
+    assert local_path("hf://org/model") is None
+    store = open_store("pvc://scratch/ckpt")
+    store.put_bytes("LATEST", b"x")
+    assert (tmp_path / "pvc" / "scratch" / "ckpt" / "LATEST").read_bytes() == b"x"
+    with pytest.raises(StorageError, match="must be absolute"):
+        open_store("file://relative/dir")
