@@ -16,18 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_operator import conditions as c
-from kubetune_operator import kube
-from kubetune_operator.builders import (
-    LABEL_JOB_NAME,
-    InvalidSpec,
-    desired_children,
-    parse_job,
-    resolve_job,
-)
+from kubetune_operator import kube, names
+from kubetune_operator.builders import desired_children
 from kubetune_operator.observe import observe, pod_state
 from kubetune_operator.progress import parse_progress
 from kubetune_operator.reconcile import Event, Plan, invalid_spec_plan, next_status
+from kubetune_operator.resolve import InvalidSpec, ResolvedJob, load_job
 from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.spec import Phase
 from kubetune_trainer.spec import runtime as rt
 
 logger = logging.getLogger("kubetune.operator")
@@ -106,9 +102,8 @@ async def _create_children(api: kube.KubeApi, children: list[dict[str, Any]]) ->
     return created
 
 
-async def _apply(api: kube.KubeApi, body: Mapping[str, Any], plan: Plan, settings: OperatorSettings) -> bool:
-    metadata = body.get("metadata") or {}
-    namespace = metadata.get("namespace")
+async def _apply(api: kube.KubeApi, namespace: str, plan: Plan, job: ResolvedJob | None) -> bool:
+    """Act on the plan: deletions, suspend flips, then the new attempt's children (create-if-absent)."""
     created = False
     for name in plan.delete_jobs:
         # Background: the Job goes now, its pods after it; the next attempt waits until they are gone.
@@ -117,9 +112,8 @@ async def _apply(api: kube.KubeApi, body: Mapping[str, Any], plan: Plan, setting
         await api.patch(kube.JOBS, namespace, plan.suspend_job, {"spec": {"suspend": True}})
     if plan.unsuspend_job:
         await api.patch(kube.JOBS, namespace, plan.unsuspend_job, {"spec": {"suspend": False}})
-    if plan.create_attempt is not None:
-        job = parse_job(dict(body))
-        created = await _create_children(api, desired_children(job, settings, attempt=plan.create_attempt))
+    if plan.create_attempt is not None and job is not None:
+        created = await _create_children(api, desired_children(job, attempt=plan.create_attempt))
     return created
 
 
@@ -147,14 +141,14 @@ async def reconcile_one(
     old_status: dict[str, Any] = dict(body.get("status") or {})
     generation = metadata.get("generation")
     moment = now()
+    job: ResolvedJob | None = None
     try:
-        job = resolve_job(parse_job(body), settings)
+        job = load_job(body, settings)  # the one parse and resolve of this read; everything below takes it
     except InvalidSpec as error:
         plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
     else:
-        selector = {LABEL_JOB_NAME: name}
-        jobs = await api.list(kube.JOBS, namespace, selector)
-        pods = await api.list(kube.PODS, namespace, selector)
+        jobs = await api.list(kube.JOBS, namespace, names.children_selector(name))
+        pods = await api.list(kube.PODS, namespace, names.children_selector(name))
         observed = observe(name, metadata.get("uid"), old_status, jobs, pods)
         plan = next_status(job, observed, moment)
     # The decision is recorded before it is acted on.  A crash between the two then repeats
@@ -164,16 +158,7 @@ async def reconcile_one(
     patch = _status_patch(old_status, plan.status)
     if patch and await _patch_status(api, namespace, name, patch) is None:
         return None  # deleted meanwhile
-    recorded = plan.status
-    try:
-        created = await _apply(api, body, plan, settings)
-    except InvalidSpec as error:  # a default the builders could not fill in
-        plan = invalid_spec_plan(recorded, error.field, error.message, moment, generation)
-        created = False
-        second = _status_patch(recorded, plan.status)
-        if second and await _patch_status(api, namespace, name, second) is None:
-            return None
-        patch = patch or second
+    created = await _apply(api, namespace, plan, job)
     if patch:
         for event in plan.events:
             await post_event(api, body, event, moment)
@@ -193,22 +178,13 @@ async def reconcile_one(
     )
 
 
-def _checkpoint_root(body: Mapping[str, Any], settings: OperatorSettings | None) -> str | None:
-    if settings is None:
-        return ((body.get("spec") or {}).get("checkpoint") or {}).get("uri")
-    try:
-        return resolve_job(parse_job(dict(body)), settings).spec.checkpoint.uri
-    except InvalidSpec:
-        return None
-
-
 async def refresh_progress(
     api: kube.KubeApi,
+    settings: OperatorSettings,
     namespace: str,
     name: str,
     *,
     metrics_url: MetricsUrlFn = default_metrics_url,
-    settings: OperatorSettings | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     timeout: float = 3.0,
 ) -> bool:
@@ -220,9 +196,13 @@ async def refresh_progress(
         return False
     status = body.get("status") or {}
     attempt = status.get("attempt")
-    if status.get("phase") != "Running" or not attempt:
+    if status.get("phase") != Phase.RUNNING.value or not attempt:
         return False
-    pods = await api.list(kube.PODS, namespace, {LABEL_JOB_NAME: name, "kubetune.io/attempt": str(attempt)})
+    try:
+        job = load_job(body, settings)
+    except InvalidSpec:
+        return False  # the reconcile reports it
+    pods = await api.list(kube.PODS, namespace, names.children_selector(name, int(attempt)))
     rank0 = [p for p in pods if pod_state(p).index == 0 and pod_state(p).running]
     if not rank0:
         return False
@@ -238,10 +218,8 @@ async def refresh_progress(
     progress, checkpoint = parsed
     patch: dict[str, Any] = {"progress": progress}
     if checkpoint:
-        uri = _checkpoint_root(body, settings)
         merged = {**(status.get("checkpoint") or {}), **checkpoint}
-        if uri:
-            merged["uri"] = f"{uri.rstrip('/')}/checkpoints/step-{int(checkpoint['step']):08d}"
+        merged["uri"] = job.checkpoint_step_uri(int(checkpoint["step"]))
         patch["checkpoint"] = merged
     old_progress = {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
     new_progress = {k: v for k, v in progress.items() if k != "updated"}

@@ -1,36 +1,47 @@
 """Conditions are the truth; ``phase`` is derived from them by one function.
 
-Conditions are plain camelCase dicts as they live in ``status.conditions``.
-:func:`set_condition` changes ``lastTransitionTime`` only when ``status`` flips
-(the JobSet/Kubernetes convention), so re-running a reconcile changes nothing.
+The condition types, the phase each implies, their Event kind and which others
+each one ends are one table: :class:`kubetune_trainer.spec.status.ConditionType`.
+This module adds the CamelCase reasons the operator sets and the helpers that
+apply the table.  Conditions are plain camelCase dicts as they live in
+``status.conditions``.  :func:`set_condition` changes ``lastTransitionTime`` only
+when ``status`` flips (the JobSet/Kubernetes convention), so re-running a
+reconcile changes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from kubetune_trainer.spec import ConditionType, Phase
+from kubetune_trainer.spec.status import phase_of
 
 TRUE = "True"
 FALSE = "False"
 
-# Reasons (CamelCase) of the conditions the operator sets.
-CREATED = "AttemptCreated"
-PENDING = "Pending"
-PODS_RUNNING = "PodsRunning"
-NOT_RUNNING = "NotRunning"
-RESTART_SCHEDULED = "RestartScheduled"
-USER_SUSPENDED = "SuspendedByUser"
-QUEUED = "Queued"
-RESUMED = "Resumed"
-SUCCEEDED = "Succeeded"
-BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-INVALID_SPEC = "InvalidSpec"
-CHILD_DELETED = "AttemptJobLost"
-
 Conditions = list[dict[str, Any]]
+
+
+class Reason(StrEnum):
+    """CamelCase reasons of the conditions the operator sets (the trainer's failure reasons,
+    e.g. ``InvalidData``, pass through as they are)."""
+
+    CREATED = "AttemptCreated"  # Created: an attempt's Job exists
+    QUEUED = "Queued"  # Created/Running=False: Kueue has not admitted the Job
+    PENDING = "Pending"  # Running=False: not all pods run yet
+    PODS_RUNNING = "PodsRunning"  # Running: every pod of the attempt runs
+    NOT_RUNNING = "NotRunning"  # Running=False: the Job is suspended by someone else
+    RESTART_SCHEDULED = "RestartScheduled"  # Restarting: a retryable failure, the next attempt follows
+    USER_SUSPENDED = "SuspendedByUser"  # Suspended: spec.runPolicy.suspend
+    RESUMED = "Resumed"  # Suspended=False
+    SUCCEEDED = "Succeeded"  # Succeeded
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # Failed: runPolicy.maxRestarts used up
+    DEADLINE_EXCEEDED = "DeadlineExceeded"  # Failed: runPolicy.activeDeadlineSeconds
+    INVALID_SPEC = "InvalidSpec"  # Failed: the spec cannot run (the message names the field)
+    CHILD_DELETED = "AttemptJobLost"  # a retryable failure: the running attempt's Job vanished
+    NAME_TAKEN = "AttemptNameTaken"  # Failed: a foreign Job holds the attempt's name
 
 
 def rfc3339(moment: datetime) -> str:
@@ -77,7 +88,7 @@ def set_condition(
     new: dict[str, Any] = {
         "type": kind.value,
         "status": value,
-        "reason": reason,
+        "reason": str(reason),
         "message": message[:32768],
         "lastTransitionTime": transition,
     }
@@ -90,19 +101,15 @@ def set_condition(
 
 
 def derive_phase(conditions: Conditions) -> Phase:
-    """The one-word phase for ``kubectl get``, from the conditions alone (terminal ones win)."""
-    for kind, phase in (
-        (ConditionType.FAILED, Phase.FAILED),
-        (ConditionType.SUCCEEDED, Phase.SUCCEEDED),
-        (ConditionType.SUSPENDED, Phase.SUSPENDED),
-        (ConditionType.RESTARTING, Phase.RESTARTING),
-        (ConditionType.RUNNING, Phase.RUNNING),
-    ):
-        if is_true(conditions, kind):
-            return phase
-    return Phase.PENDING
+    """The one-word phase for ``kubectl get``, from the conditions alone (the table decides)."""
+    return phase_of({kind for kind in ConditionType if is_true(conditions, kind)})
 
 
 def is_finished(conditions: Conditions) -> bool:
-    """True once the job Succeeded or Failed (terminal; nothing more is created)."""
-    return is_true(conditions, ConditionType.SUCCEEDED) or is_true(conditions, ConditionType.FAILED)
+    """True once the job is in a terminal phase (Succeeded or Failed; nothing more is created)."""
+    return derive_phase(conditions) in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def event_type(kind: ConditionType) -> str:
+    """The Event type of ``kind`` turning True: ``Warning`` or ``Normal``."""
+    return "Warning" if kind.warning else "Normal"

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from kubetune_trainer.spec import GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
+from kubetune_operator import names
+from kubetune_trainer.spec import API_VERSION, GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
 from kubetune_trainer.spec._base import Rule
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
@@ -169,7 +170,7 @@ def openapi_schema() -> JsonSchema:
 
     # Kubernetes owns metadata: only name restrictions may be stated, and only via CEL.
     schema["properties"]["metadata"] = {"type": "object", "description": "Standard object metadata."}
-    schema["properties"]["apiVersion"] = {"type": "string", "description": "kubetune.io/v1alpha1"}
+    schema["properties"]["apiVersion"] = {"type": "string", "description": API_VERSION}
     schema["properties"]["kind"] = {"type": "string", "description": "FineTuneJob"}
     schema["required"] = ["spec"]
     schema.setdefault("x-kubernetes-validations", []).append(
@@ -208,7 +209,7 @@ def custom_resource_definition() -> JsonSchema:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+            "labels": {names.LABEL_NAME: names.APP_NAME, names.LABEL_PART_OF: names.APP_NAME},
         },
         "spec": {
             "group": GROUP,

@@ -18,8 +18,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import apply, kube
-from kubetune_operator.builders import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from kubetune_operator import apply, kube, names
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import GROUP, PLURAL, VERSION, Phase
@@ -127,7 +126,7 @@ class Reconciler:
 
 
 def _owner_key(namespace: str | None, labels: Mapping[str, str]) -> Key | None:
-    name = labels.get(LABEL_JOB_NAME)
+    name = labels.get(names.LABEL_JOB_NAME)
     return (namespace or "default", name) if name else None
 
 
@@ -144,10 +143,15 @@ def _running(status: Mapping[str, Any], **_: Any) -> bool:
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     """Register every handler of one operator instance on ``registry``."""
-    settings = context.settings
     reconciler = Reconciler(context)
     context.reconciler = reconciler
-    children = {LABEL_MANAGED_BY: MANAGED_BY}
+    _register_lifecycle(registry, context, reconciler)
+    _register_finetunejobs(registry, context, reconciler)
+    _register_timers(registry, context, reconciler)
+
+
+def _register_lifecycle(registry: kopf.OperatorRegistry, context: Context, reconciler: Reconciler) -> None:
+    """Start-up, login (one API identity shared with kopf) and clean-up."""
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -177,6 +181,11 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
         if context.api is not None:
             await context.api.close()
 
+
+def _register_finetunejobs(registry: kopf.OperatorRegistry, context: Context, reconciler: Reconciler) -> None:
+    """FineTuneJob create/resume/update and every event of its children: one reconcile."""
+    children = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
@@ -203,6 +212,11 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
         if key is not None and type != "ADDED":
             await reconciler.run_quietly(key)
 
+
+def _register_timers(registry: kopf.OperatorRegistry, context: Context, reconciler: Reconciler) -> None:
+    """The level-based resync of unfinished jobs and the progress reader of running ones."""
+    settings = context.settings
+
     @kopf.timer(
         GROUP,
         VERSION,
@@ -228,7 +242,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
             return
         try:
             await apply.refresh_progress(
-                context.api, namespace or "default", name, metrics_url=context.metrics_url, settings=settings
+                context.api, settings, namespace or "default", name, metrics_url=context.metrics_url
             )
         except kube.ApiError as error:  # progress is best effort; the phase never depends on it
             logger.info("progress of %s/%s not updated: %s", namespace, name, error)
@@ -238,11 +252,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """kopf settings every replica uses: progress and diff-base in annotations (never in
     status, which the CRD schema would prune), warnings only as kopf Events (the
     operator posts its own transition Events), and a finalizer name of our own."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration"
+        prefix=names.KOPF_PREFIX, key=names.KOPF_DIFFBASE_KEY
     )
-    settings.persistence.finalizer = "kubetune.io/operator"
+    settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

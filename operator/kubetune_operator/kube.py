@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kubetune_trainer.spec import GROUP, PLURAL, VERSION
+
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -65,7 +67,7 @@ SERVICES = Resource("", "v1", "services")
 PODS = Resource("", "v1", "pods")
 EVENTS = Resource("", "v1", "events")
 JOBS = Resource("batch", "v1", "jobs")
-FINETUNEJOBS = Resource("kubetune.io", "v1alpha1", "finetunejobs")
+FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:

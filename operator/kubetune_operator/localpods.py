@@ -27,9 +27,10 @@ from typing import Any
 
 import psutil
 
+from kubetune_operator import names
 from kubetune_trainer.spec import runtime as rt
 
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_ANNOTATION = names.COMPLETION_INDEX_KEY  # the e2e kubelet sets it on the pods it runs
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\$")
 
 
@@ -96,7 +97,7 @@ class LocalLayout:
 
 
 def _field_ref(path: str, pod_name: str, index: int, annotations: Mapping[str, str]) -> str:
-    if path == f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']":
+    if path == names.completion_index_field_path():
         return str(index)
     match = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path)
     if match:

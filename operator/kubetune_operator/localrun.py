@@ -1,15 +1,17 @@
 """``kubetune run``: run a FineTuneJob on this machine by the same path as in a cluster.
 
-The operator's builders produce the ConfigMap, Service and attempt Job; each pod
-of the Job is started as a local process group (:mod:`kubetune_operator.localpods`)
-with rank 0 on 127.0.0.1.  A progress bar is fed by rank 0's metrics endpoint.
+The job is resolved as the operator resolves it, with local settings; the
+operator's builders produce the ConfigMap, Service and attempt Job; each pod of
+the Job is started as a local process group (:mod:`kubetune_operator.localpods`)
+with rank 0 on 127.0.0.1, and a failed attempt goes through the operator's
+failure policy (:func:`~kubetune_operator.reconcile.failure_verdict`).  A progress
+bar is fed by rank 0's metrics endpoint.
 Ctrl-C sends SIGTERM to every pod, so the trainers commit a checkpoint and exit;
 running the same command again resumes from it.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import urllib.error
@@ -33,12 +35,16 @@ from kubetune_operator.localpods import (
     materialize_volumes,
     plan_pod,
 )
+from kubetune_operator.observe import AttemptState, PodState
 from kubetune_operator.progress import parse_progress
+from kubetune_operator.reconcile import Verdict, classify_failure, failure_verdict
+from kubetune_operator.resolve import ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
 from kubetune_trainer.spec import FineTuneJob
 from kubetune_trainer.spec import runtime as rt
 from kubetune_trainer.spec.job import GPU_RESOURCE
+from kubetune_trainer.spec.termination import TerminationMessage
 
 LOCAL_IMAGE = "local"
 INTERRUPTED_EXIT = 130
@@ -55,9 +61,23 @@ class RunOptions:
     poll_seconds: float = 1.0
 
 
-def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[FineTuneJob, Path]:
-    """The job as it runs here: node/process overrides, and checkpoints and output in a
-    local directory (cluster endpoints and Secrets do not apply on this machine)."""
+def local_settings() -> OperatorSettings:
+    """The operator settings of a run on this machine: the local image, no cluster defaults
+    (explicit Nones, so KUBETUNE_* variables meant for an operator do not apply)."""
+    return OperatorSettings(
+        default_image=LOCAL_IMAGE,
+        default_checkpoint_uri=None,
+        default_output_uri=None,
+        checkpoint_endpoint=None,
+        credentials_secret=None,
+        standalone=True,
+    )
+
+
+def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[ResolvedJob, Path]:
+    """The job as it runs here, resolved like the operator resolves it but with local settings:
+    node/process overrides, checkpoints in a local directory and the output below them (cluster
+    endpoints, Secrets and images do not apply on this machine)."""
     storage = (options.storage or Path("runs") / job.metadata.name).resolve()
     spec = job.spec
     processes = options.processes_per_node or spec.resources.processes()
@@ -78,11 +98,11 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[FineTuneJob, Pa
     checkpoint = spec.checkpoint.model_copy(
         update={"uri": f"file://{storage}", "endpoint": None, "credentials_secret": None, "region": None}
     )
-    output = spec.output.model_copy(update={"uri": f"file://{storage}/output"})
+    output = spec.output.model_copy(update={"uri": None})
     local_spec = spec.model_copy(update={"resources": resources, "checkpoint": checkpoint, "output": output})
     local = job.model_copy(update={"spec": local_spec})
     # Re-validate: overrides must obey the same rules as the manifest.
-    return FineTuneJob.model_validate(local.to_wire()), storage
+    return resolve_job(FineTuneJob.model_validate(local.to_wire()), local_settings()), storage
 
 
 def read_progress(port: int, now: datetime) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -95,45 +115,47 @@ def read_progress(port: int, now: datetime) -> tuple[dict[str, Any], dict[str, A
     return parse_progress(text, now)
 
 
-def _summary_table(message: dict[str, Any], wall_seconds: float) -> Table:
+def _summary_table(job: ResolvedJob, message: TerminationMessage | None, wall_seconds: float) -> Table:
     table = Table(title="kubetune run", show_header=False)
-    for metric, value in sorted((message.get("evaluation") or {}).items()):
-        table.add_row(f"eval {metric}", f"{value:.4f}" if isinstance(value, float) else str(value))
-    output = message.get("output") or {}
-    if output:
-        table.add_row("output", str(output.get("uri", output) if isinstance(output, dict) else output))
-    checkpoint = message.get("checkpoint") or {}
-    if checkpoint:
-        table.add_row("checkpoint", f"{checkpoint.get('uri', '')} (step {checkpoint.get('step')})")
-    if "step" in message:
-        table.add_row("steps", str(message["step"]))
+    message = message or TerminationMessage(reason="Succeeded")
+    for metric, value in sorted((message.evaluation or {}).items()):
+        table.add_row(f"eval {metric}", f"{value:.4f}")
+    table.add_row("output", message.output.uri if message.output else job.output_uri)
+    if message.checkpoint and message.checkpoint.step is not None:
+        step = message.checkpoint.step
+        table.add_row("checkpoint", f"{job.checkpoint_step_uri(step)} (step {step})")
+    if message.step is not None:
+        table.add_row("steps", str(message.step))
     table.add_row("wall time", f"{wall_seconds:.0f} s")
     return table
 
 
 class LocalRun:
-    """One ``kubetune run``: start the pods, follow them, stop them."""
+    """One ``kubetune run``: start an attempt's pods, follow them, restart or stop them as the operator would."""
 
-    def __init__(self, job: FineTuneJob, storage: Path, console: Console, options: RunOptions) -> None:
+    def __init__(self, job: ResolvedJob, storage: Path, console: Console, options: RunOptions) -> None:
         self.job = job
         self.storage = storage
         self.console = console
         self.options = options
         self.pods: list[LocalPod] = []
+        self.attempt = 1
+        self.restarts = 0
 
-    def start(self) -> None:
-        """Build the children with the operator's builders and start every pod."""
-        settings = OperatorSettings(default_image=LOCAL_IMAGE, standalone=True)
-        config_map, _service, attempt_job = desired_children(self.job, settings, attempt=1)
+    def start(self, attempt: int = 1) -> None:
+        """Build attempt ``attempt``'s children with the operator's builders and start every pod."""
+        self.attempt = attempt
+        config_map, _service, attempt_job = desired_children(self.job, attempt=attempt)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         layout = LocalLayout(
-            root=self.storage / ".local" / stamp,
-            host_aliases={names.master_address(self.job.metadata.name, 1): "127.0.0.1"},
+            root=self.storage / ".local" / (stamp if attempt == 1 else f"{stamp}.{attempt}"),
+            host_aliases={names.master_address(self.job.name, attempt): "127.0.0.1"},
             port_map={rt.RENDEZVOUS_PORT: free_port()},
             config_maps={config_map["metadata"]["name"]: config_map["data"]},
             base_env=self._base_env(),
         )
         pod_spec = attempt_job["spec"]["template"]["spec"]
+        self.pods = []
         for index in range(self.job.spec.resources.nodes):
             launch = plan_pod(pod_spec, attempt_job["metadata"]["name"], index, layout)
             materialize_volumes(pod_spec, launch, layout)
@@ -146,7 +168,11 @@ class LocalRun:
         return local_base_env(resources.nodes * resources.processes())
 
     def follow(self) -> int:
-        """Show progress until every pod exits; the run's exit code."""
+        """Show progress until the job ends; the run's exit code.
+
+        A failed attempt goes through the operator's failure policy: the gang stops (as the Job's
+        podFailurePolicy stops it), and a retryable failure restarts it as the next attempt after
+        ``backoffSeconds``, resuming from the latest checkpoint, until ``maxRestarts`` are used."""
         started = time.monotonic()
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -159,49 +185,76 @@ class LocalRun:
             console=self.console,
             transient=False,
         ) as bar:
-            task = bar.add_task(self.job.metadata.name, total=None, steps="-", loss="-", rate="-", eta="-")
-            while True:
-                codes = [pod.exit_code for pod in self.pods]
-                for pod, code in zip(self.pods, codes, strict=True):
-                    if code is None:
-                        pod.remember_descendants()
-                failed = [pod for pod, code in zip(self.pods, codes, strict=True) if code not in (None, 0)]
-                if failed:
-                    return self._fail(failed[0])
-                if all(code == 0 for code in codes):
-                    break
-                found = read_progress(self.pods[0].launch.metrics_port, datetime.now(UTC))
-                if found:
-                    progress, _checkpoint = found
-                    bar.update(
-                        task,
-                        total=progress.get("totalSteps"),
-                        completed=progress.get("step", 0),
-                        steps=f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
-                        loss=f"{progress['loss']:.4f}" if "loss" in progress else "-",
-                        rate=str(progress.get("samplesPerSecond", "-")),
-                        eta=str(progress.get("eta", "-"))[11:19] or "-",
-                    )
-                time.sleep(self.options.poll_seconds)
-        message = self._success_message()
-        self.console.print(_summary_table(message, time.monotonic() - started))
+            task = bar.add_task(self.job.name, total=None, steps="-", loss="-", rate="-", eta="-")
+            while (failed := self._watch_attempt(bar, task)) is not None:
+                verdict = self._judge(failed)
+                if not verdict.restart:
+                    return self._exit_code(failed)
+                self.restarts += 1
+                time.sleep(self.job.spec.run_policy.backoff_seconds)
+                self.start(self.attempt + 1)
+        message = TerminationMessage.parse(self.pods[0].termination_message())
+        self.console.print(_summary_table(self.job, message, time.monotonic() - started))
         return 0
 
-    def _success_message(self) -> dict[str, Any]:
-        text = self.pods[0].termination_message()
-        try:
-            parsed = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            parsed = {}
-        return parsed if isinstance(parsed, dict) else {}
+    def _watch_attempt(self, bar: Progress, task: Any) -> AttemptState | None:
+        """Follow the current attempt until every pod succeeded (None) or one failed (the attempt then)."""
+        while True:
+            codes = [pod.exit_code for pod in self.pods]
+            for pod, code in zip(self.pods, codes, strict=True):
+                if code is None:
+                    pod.remember_descendants()
+            if any(code not in (None, 0) for code in codes):
+                return self._attempt_state()
+            if all(code == 0 for code in codes):
+                return None
+            found = read_progress(self.pods[0].launch.metrics_port, datetime.now(UTC))
+            if found:
+                progress, _checkpoint = found
+                bar.update(
+                    task,
+                    total=progress.get("totalSteps"),
+                    completed=progress.get("step", 0),
+                    steps=f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
+                    loss=f"{progress['loss']:.4f}" if "loss" in progress else "-",
+                    rate=str(progress.get("samplesPerSecond", "-")),
+                    eta=str(progress.get("eta", "-"))[11:19] or "-",
+                )
+            time.sleep(self.options.poll_seconds)
 
-    def _fail(self, pod: LocalPod) -> int:
-        code = pod.exit_code or 1
-        reason = pod.termination_message() or f"exit code {code}"
+    def _attempt_state(self) -> AttemptState:
+        """The local pods as the operator observes an attempt (exit codes, termination messages)."""
+        pods = tuple(_pod_state(pod) for pod in self.pods)
+        return AttemptState(
+            attempt=self.attempt,
+            name=names.job_name_for(self.job.name, self.attempt),
+            owned=True,
+            stale_owner=False,
+            suspended=False,
+            queued=False,
+            active=sum(1 for pod in pods if pod.running),
+            succeeded=sum(1 for pod in pods if pod.phase == "Succeeded"),
+            complete=False,
+            failed=True,
+            failed_reason=None,
+            failed_message=None,
+            completion_time=None,
+            deleting=False,
+            pods=pods,
+        )
+
+    def _judge(self, failed: AttemptState) -> Verdict:
+        """Stop the gang and tell the user what the operator's failure policy decided."""
         self.stop(FAILED_POD_GRACE_SECONDS)
-        kind = "permanent" if rt.is_permanent_failure(code) else "retryable"
-        self.console.print(f"[red]failed[/red] ({pod.launch.name}, exit code {code}, {kind}): {reason}")
-        return code if code > 0 else 128 - code
+        verdict = failure_verdict(self.job.spec.run_policy, self.attempt, self.restarts, classify_failure(failed))
+        word = "restarting" if verdict.restart else "failed"
+        self.console.print(f"[red]{word}[/red] ({verdict.reason}): {verdict.message}", soft_wrap=True)
+        return verdict
+
+    @staticmethod
+    def _exit_code(failed: AttemptState) -> int:
+        code = classify_failure(failed).exit_code
+        return code if code else 1
 
     def stop(self, grace_seconds: float) -> None:
         """SIGTERM every pod at once, then wait (SIGKILL after the grace period)."""
@@ -224,6 +277,26 @@ class LocalRun:
         return INTERRUPTED_EXIT
 
 
+def _pod_state(pod: LocalPod) -> PodState:
+    """A local pod as the operator's observer distils a Kubernetes pod (a signal -N reads 128+N)."""
+    code = pod.exit_code
+    if code is not None and code < 0:
+        code = 128 - code
+    text = pod.termination_message() if code is not None else ""
+    phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
+    return PodState(
+        name=pod.launch.name,
+        index=pod.launch.index,
+        phase=phase,
+        exit_code=code,
+        reason=None,
+        message=TerminationMessage.parse(text),
+        raw_message=text,
+        ip="127.0.0.1",
+        deleting=False,
+    )
+
+
 def load_job(path: Path) -> tuple[list[Problem], FineTuneJob | None]:
     """The one FineTuneJob in ``path``, or the problems that stop it from running."""
     problems = validate_files([path])
@@ -238,10 +311,10 @@ def load_job(path: Path) -> tuple[list[Problem], FineTuneJob | None]:
 def run_job(job: FineTuneJob, options: RunOptions, console: Console) -> int:
     """Run ``job`` locally; returns the process exit code for the CLI."""
     local_job, storage = localize_job(job, options)
+    spec = local_job.spec
     console.print(
-        f"{local_job.metadata.name}: {local_job.spec.strategy.type.value} on {local_job.spec.model.source}, "
-        f"{local_job.spec.resources.nodes} node(s) x {local_job.spec.resources.processes()} process(es), "
-        f"storage {storage}",
+        f"{local_job.name}: {spec.strategy.type.value} on {spec.model.source}, "
+        f"{spec.resources.nodes} node(s) x {spec.resources.processes()} process(es), storage {storage}",
         markup=False,
     )
     run = LocalRun(local_job, storage, console, options)

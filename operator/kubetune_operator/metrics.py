@@ -1,4 +1,4 @@
-"""Operator metrics (DESIGN §6) on their own registry, served with /healthz on the metrics port."""
+"""Operator metrics (DESIGN §6, from :mod:`kubetune_trainer.spec.catalog`), served with /healthz on the metrics port."""
 
 from __future__ import annotations
 
@@ -6,47 +6,26 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune_operator.apply import Outcome
 from kubetune_operator.conditions import parse_time
 from kubetune_trainer.spec import Phase
-
-_DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200, float("inf"))
-_RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+from kubetune_trainer.spec import catalog as m
 
 
 class OperatorMetrics:
-    """The operator's Prometheus metrics; one instance (and registry) per running operator."""
+    """The operator's Prometheus metrics (from the catalog); one instance (and registry) per running operator."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.jobs = Gauge("kubetune_operator_jobs", "FineTuneJobs by phase.", ["phase"], registry=self.registry)
-        self.restarts = Counter(
-            "kubetune_operator_restarts", "Gang restarts scheduled after retryable failures.", registry=self.registry
-        )
-        self.reconcile_seconds = Histogram(
-            "kubetune_operator_reconcile_seconds",
-            "Duration of one reconcile.",
-            buckets=_RECONCILE_BUCKETS,
-            registry=self.registry,
-        )
-        self.reconcile_errors = Counter(
-            "kubetune_operator_reconcile_errors", "Reconciles that failed (retried).", registry=self.registry
-        )
-        self.time_to_running = Histogram(
-            "kubetune_operator_time_to_running_seconds",
-            "From FineTuneJob creation until all pods of its first attempt ran.",
-            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf")),
-            registry=self.registry,
-        )
-        self.job_duration = Histogram(
-            "kubetune_operator_job_duration_seconds",
-            "From first start until Succeeded or Failed.",
-            buckets=_DURATION_BUCKETS,
-            registry=self.registry,
-        )
+        self.jobs = m.instrument(m.OPERATOR_JOBS, self.registry)
+        self.restarts = m.instrument(m.OPERATOR_RESTARTS_TOTAL, self.registry)
+        self.reconcile_seconds = m.instrument(m.RECONCILE_SECONDS, self.registry)
+        self.reconcile_errors = m.instrument(m.RECONCILE_ERRORS_TOTAL, self.registry)
+        self.time_to_running = m.instrument(m.TIME_TO_RUNNING_SECONDS, self.registry)
+        self.job_duration = m.instrument(m.JOB_DURATION_SECONDS, self.registry)
         self._phases: dict[str, str] = {}
         for phase in Phase:
             self.jobs.labels(phase.value).set(0)

@@ -3,21 +3,18 @@
 :func:`observe` turns the attempt Jobs and pods read by :mod:`kubetune_operator.apply`
 into small frozen records the state machine can reason about: which attempts
 exist, whether they run, finished, failed and why (exit codes and the trainer's
-JSON termination message).
+:class:`~kubetune_trainer.spec.termination.TerminationMessage`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune_operator import names
-from kubetune_operator.builders import CONTAINER_NAME, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_JOB_NAME
-
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+from kubetune_trainer.spec import KIND
+from kubetune_trainer.spec.termination import TerminationMessage
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,7 @@ class PodState:
     phase: str  # Pending | Running | Succeeded | Failed | Unknown
     exit_code: int | None  # of the trainer container, once terminated
     reason: str | None  # container termination reason (Error, OOMKilled, Completed)
-    message: Mapping[str, Any] | None  # the trainer's JSON termination message
+    message: TerminationMessage | None  # the trainer's termination message (None: plain text or none)
     raw_message: str
     ip: str | None
     deleting: bool
@@ -87,18 +84,6 @@ class Observed:
     pods_left: Mapping[int, int] = field(default_factory=dict)  # attempt -> pods not yet gone
 
 
-def parse_termination_message(text: str) -> Mapping[str, Any] | None:
-    """The trainer's JSON termination message, or None for plain text (e.g. log tail)."""
-    text = text.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)}
 
@@ -108,13 +93,13 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
     annotations = metadata.get("annotations") or {}
-    index_text = str(labels.get(COMPLETION_INDEX_LABEL, annotations.get(COMPLETION_INDEX_ANNOTATION, "0")))
+    index_text = str(labels.get(names.COMPLETION_INDEX_KEY, annotations.get(names.COMPLETION_INDEX_KEY, "0")))
     status = pod.get("status") or {}
     exit_code: int | None = None
     reason: str | None = None
     raw = ""
     for container in status.get("containerStatuses") or []:
-        if container.get("name") != CONTAINER_NAME:
+        if container.get("name") != names.CONTAINER_NAME:
             continue
         terminated = (container.get("state") or {}).get("terminated") or (container.get("lastState") or {}).get(
             "terminated"
@@ -129,7 +114,7 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         phase=str(status.get("phase") or "Pending"),
         exit_code=exit_code,
         reason=reason,
-        message=parse_termination_message(raw),
+        message=TerminationMessage.parse(raw),
         raw_message=raw,
         ip=status.get("podIP"),
         deleting=bool(metadata.get("deletionTimestamp")),
@@ -148,8 +133,7 @@ def attempt_state(
     owned = owner_uid is None or any(ref.get("uid") == owner_uid for ref in owners)
     name = str(metadata.get("name", ""))
     stale_owner = not owned and any(
-        ref.get("kind") == "FineTuneJob" and names.attempt_of(name, str(ref.get("name", ""))) is not None
-        for ref in owners
+        ref.get("kind") == KIND and names.attempt_of(name, str(ref.get("name", ""))) is not None for ref in owners
     )
     failed_condition = conditions.get("Failed")
     failed = bool(failed_condition and failed_condition.get("status") == "True")
@@ -164,7 +148,7 @@ def attempt_state(
         owned=owned,
         stale_owner=stale_owner,
         suspended=bool(spec.get("suspend")),
-        queued=KUEUE_QUEUE_LABEL in (metadata.get("labels") or {}),
+        queued=names.KUEUE_QUEUE_LABEL in (metadata.get("labels") or {}),
         active=int(status.get("active") or 0),
         succeeded=int(status.get("succeeded") or 0),
         complete=complete and not failed,
@@ -188,9 +172,9 @@ def observe(
     pods_by_attempt: dict[int, list[PodState]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
-        if labels.get(LABEL_JOB_NAME) != name:
+        if labels.get(names.LABEL_JOB_NAME) != name:
             continue
-        text = str(labels.get(LABEL_ATTEMPT, ""))
+        text = str(labels.get(names.LABEL_ATTEMPT, ""))
         if text.isdigit():
             pods_by_attempt.setdefault(int(text), []).append(pod_state(pod))
     attempts: dict[int, AttemptState] = {}

@@ -13,17 +13,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_operator.conditions import rfc3339
-
-STEP = "kubetune_trainer_step"
-TOTAL_STEPS = "kubetune_trainer_total_steps"
-EPOCH = "kubetune_trainer_epoch"
-LOSS = "kubetune_trainer_loss"
-SAMPLES_PER_SECOND = "kubetune_trainer_samples_per_second"
-TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
-ETA_SECONDS = "kubetune_trainer_eta_seconds"
-MODEL_FLOPS_UTILIZATION = "kubetune_trainer_model_flops_utilization"
-CHECKPOINT_STEP = "kubetune_trainer_checkpoint_step"
-CHECKPOINT_TIMESTAMP = "kubetune_trainer_checkpoint_timestamp_seconds"
+from kubetune_trainer.spec import catalog as m
 
 
 def _samples(metrics_text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -49,37 +39,37 @@ def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], di
         samples = _samples(metrics_text)
     except (ValueError, TypeError):
         return None
-    step = _value(samples, STEP)
+    step = _value(samples, m.STEP.name)
     if step is None:
         return None
     progress: dict[str, Any] = {"step": int(step)}
-    total = _value(samples, TOTAL_STEPS)
+    total = _value(samples, m.TOTAL_STEPS.name)
     if total is not None and total > 0:
         progress["totalSteps"] = int(total)
-    epoch = _value(samples, EPOCH)
+    epoch = _value(samples, m.EPOCH.name)
     if epoch is not None:
         progress["epoch"] = round(epoch, 4)
-    loss = _value(samples, LOSS, component="total")
+    loss = _value(samples, m.LOSS.name, component="total")
     if loss is None:
-        loss = _value(samples, LOSS)
+        loss = _value(samples, m.LOSS.name)
     if loss is not None:
         progress["loss"] = round(loss, 6)
-    for name, key in ((SAMPLES_PER_SECOND, "samplesPerSecond"), (TOKENS_PER_SECOND, "tokensPerSecond")):
+    for name, key in ((m.SAMPLES_PER_SECOND.name, "samplesPerSecond"), (m.TOKENS_PER_SECOND.name, "tokensPerSecond")):
         rate = _value(samples, name)
         if rate is not None:
             progress[key] = round(rate, 3)
-    mfu = _value(samples, MODEL_FLOPS_UTILIZATION)
+    mfu = _value(samples, m.MODEL_FLOPS_UTILIZATION.name)
     if mfu is not None and mfu > 0:
         progress["modelFlopsUtilization"] = round(mfu, 4)
-    eta = _value(samples, ETA_SECONDS)
+    eta = _value(samples, m.ETA_SECONDS.name)
     if eta is not None and eta >= 0:
         progress["eta"] = rfc3339(now + timedelta(seconds=eta))
     progress["updated"] = rfc3339(now)
     checkpoint: dict[str, Any] = {}
-    checkpoint_step = _value(samples, CHECKPOINT_STEP)
+    checkpoint_step = _value(samples, m.CHECKPOINT_STEP.name)
     if checkpoint_step is not None and checkpoint_step > 0:
         checkpoint["step"] = int(checkpoint_step)
-        stamp = _value(samples, CHECKPOINT_TIMESTAMP)
+        stamp = _value(samples, m.CHECKPOINT_TIMESTAMP.name)
         if stamp is not None and stamp > 0:
             checkpoint["time"] = rfc3339(datetime.fromtimestamp(stamp, tz=UTC))
     return progress, checkpoint

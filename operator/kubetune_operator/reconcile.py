@@ -20,11 +20,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kubetune_operator import conditions as c
+from kubetune_operator import names
+from kubetune_operator.conditions import Reason
 from kubetune_operator.observe import AttemptState, Observed, PodState
-from kubetune_trainer.spec import ConditionType, FineTuneJob
+from kubetune_operator.resolve import ResolvedJob
+from kubetune_trainer.spec import ConditionType, RunPolicy
 from kubetune_trainer.spec import runtime as rt
+from kubetune_trainer.spec.termination import TerminationMessage
 
-PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss", "OutOfMemory"})
 SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
 WAIT_FOR_CLEANUP_SECONDS = 1.0
 MESSAGE_LIMIT = 1024
@@ -68,11 +71,6 @@ class Failure:
     permanent: bool
 
 
-def _generation(job: FineTuneJob) -> int | None:
-    value = (job.metadata.model_extra or {}).get("generation")
-    return int(value) if isinstance(value, int) else None
-
-
 class _Status:
     """A mutable working copy of the status with the condition helper bound to ``now``."""
 
@@ -90,6 +88,13 @@ class _Status:
         self.data["conditions"] = c.set_condition(
             self.data["conditions"], kind, status, reason, message, self.now, self.generation
         )
+
+    def enter(self, kind: ConditionType, reason: str, message: str, *, why: str = "", cleared: str = "") -> None:
+        """Set ``kind`` True and clear the conditions the table says it ends (``kind.clears``) with
+        reason ``cleared`` (default: ``reason``) and message ``why``."""
+        self.set(kind, True, reason, message)
+        for other in kind.clears:
+            self.clear(ConditionType.of(other), cleared or reason, why)
 
     def clear(self, kind: ConditionType, reason: str, message: str = "") -> None:
         """Set ``kind`` False, but only if it is present (absent conditions stay absent)."""
@@ -114,16 +119,15 @@ def _short(text: str) -> str:
 
 
 def _pod_failure(pod: PodState) -> Failure:
-    message = pod.message or {}
-    exit_code = pod.exit_code if pod.exit_code is not None else message.get("exitCode")
-    code = int(exit_code) if isinstance(exit_code, int) else None
-    reason = str(message.get("reason") or pod.reason or "Error")
+    message = pod.message
+    code = pod.exit_code if pod.exit_code is not None else (message.exit_code if message else None)
+    reason = (message.reason if message else None) or pod.reason or "Error"
     if not reason.isidentifier():
         reason = "Error"
-    text = str(message.get("message") or pod.raw_message or "")
+    text = (message.message if message else None) or pod.raw_message or ""
     detail = f"pod {pod.name} exited with code {code}" if code is not None else f"pod {pod.name} failed"
     human = _short(f"{detail}: {text}" if text else detail)
-    permanent = (code is not None and rt.is_permanent_failure(code)) or reason in PERMANENT_REASONS
+    permanent = (code is not None and rt.is_permanent_failure(code)) or reason in rt.PERMANENT_REASONS
     return Failure(reason, human, code, permanent)
 
 
@@ -132,7 +136,7 @@ def classify_failure(attempt: AttemptState) -> Failure:
     failed by itself (not one the Job controller killed afterwards), lowest index first."""
     if attempt.failed_reason == "DeadlineExceeded":
         return Failure(
-            c.DEADLINE_EXCEEDED, _short(attempt.failed_message or "activeDeadlineSeconds reached"), None, True
+            Reason.DEADLINE_EXCEEDED, _short(attempt.failed_message or "activeDeadlineSeconds reached"), None, True
         )
     failures = [_pod_failure(pod) for pod in attempt.pods if pod.failed]
     if not failures:
@@ -154,14 +158,13 @@ def _events(old: c.Conditions, new: c.Conditions) -> list[Event]:
     for condition in new:
         if condition.get("status") != c.TRUE:
             continue
-        kind = ConditionType(condition["type"])
+        kind = ConditionType.of(condition["type"])
         before = c.get_condition(old, kind)
         same = before is not None and before.get("status") == c.TRUE and before.get("reason") == condition["reason"]
         # With the same reason, only a new attempt being created is news.
         if same and (kind != ConditionType.CREATED or before is None or before.get("message") == condition["message"]):
             continue
-        warning = kind in (ConditionType.FAILED, ConditionType.RESTARTING)
-        events.append(Event("Warning" if warning else "Normal", str(condition["reason"]), str(condition["message"])))
+        events.append(Event(c.event_type(kind), str(condition["reason"]), str(condition["message"])))
     return events
 
 
@@ -178,9 +181,7 @@ def invalid_spec_plan(old: Mapping[str, Any], field: str, message: str, now: dat
     """A job whose spec cannot be run: ``Failed=True, reason=InvalidSpec`` naming the field."""
     st = _Status(old, now, generation)
     text = f"{field}: {message}" if field else message
-    st.set(ConditionType.FAILED, True, c.INVALID_SPEC, _short(f"invalid spec: {text}"))
-    st.clear(ConditionType.RUNNING, c.INVALID_SPEC)
-    st.clear(ConditionType.RESTARTING, c.INVALID_SPEC)
+    st.enter(ConditionType.FAILED, Reason.INVALID_SPEC, _short(f"invalid spec: {text}"))
     st.data.setdefault("restarts", 0)
     if "completionTime" not in st.data:
         st.data["completionTime"] = c.rfc3339(now)
@@ -188,87 +189,95 @@ def invalid_spec_plan(old: Mapping[str, Any], field: str, message: str, now: dat
 
 
 def _fail(st: _Status, plan: Plan, reason: str, message: str, current: AttemptState | None) -> None:
-    st.set(ConditionType.FAILED, True, reason, message)
-    st.clear(ConditionType.RUNNING, reason, "the job failed")
-    st.clear(ConditionType.RESTARTING, reason, "the job failed")
+    st.enter(ConditionType.FAILED, reason, message, why="the job failed")
     st.data["completionTime"] = st.data.get("completionTime") or c.rfc3339(st.now)
     if current is not None and not current.finished and not current.deleting:
         plan.delete_jobs.append(current.name)
 
 
-def _retry_or_fail(
-    job: FineTuneJob, st: _Status, plan: Plan, current: AttemptState | None, attempt: int, failure: Failure
-) -> None:
-    policy = job.spec.run_policy
-    restarts = int(st.data.get("restarts") or 0)
+@dataclass(frozen=True)
+class Verdict:
+    """What the failure policy makes of a failed attempt: restart it, or fail the job (and why)."""
+
+    restart: bool
+    reason: str  # of the Restarting or Failed condition
+    message: str
+
+
+def failure_verdict(policy: RunPolicy, attempt: int, restarts: int, failure: Failure) -> Verdict:
+    """The failure policy (DESIGN §3), shared by the operator and ``kubetune run``: a permanent
+    failure fails the job at once; a retryable one restarts the gang as attempt N+1 after
+    ``backoffSeconds`` until ``maxRestarts`` restarts are used."""
     if failure.permanent:
-        _fail(
-            st,
-            plan,
-            failure.reason,
-            f"attempt {attempt} failed permanently ({failure.reason}): {failure.message}",
-            current,
+        return Verdict(
+            False, failure.reason, f"attempt {attempt} failed permanently ({failure.reason}): {failure.message}"
         )
-        return
     if restarts >= policy.max_restarts:
-        _fail(
-            st,
-            plan,
-            c.BACKOFF_LIMIT_EXCEEDED,
+        return Verdict(
+            False,
+            Reason.BACKOFF_LIMIT_EXCEEDED,
             _short(
                 f"attempt {attempt} failed ({failure.reason}) and all {policy.max_restarts} restarts are used: "
                 f"{failure.message}"
             ),
-            current,
         )
-        return
-    st.data["restarts"] = restarts + 1
-    st.data["attempt"] = attempt + 1
-    st.set(
-        ConditionType.RESTARTING,
+    return Verdict(
         True,
-        c.RESTART_SCHEDULED,
+        Reason.RESTART_SCHEDULED,
         _short(
             f"attempt {attempt} failed ({failure.reason}): {failure.message}; attempt {attempt + 1} starts "
             f"{policy.backoff_seconds}s after its pods are gone (restart {restarts + 1}/{policy.max_restarts})"
         ),
     )
-    st.clear(ConditionType.RUNNING, failure.reason, f"attempt {attempt} failed")
+
+
+def _retry_or_fail(
+    job: ResolvedJob, st: _Status, plan: Plan, current: AttemptState | None, attempt: int, failure: Failure
+) -> None:
+    restarts = int(st.data.get("restarts") or 0)
+    verdict = failure_verdict(job.spec.run_policy, attempt, restarts, failure)
+    if not verdict.restart:
+        _fail(st, plan, verdict.reason, verdict.message, current)
+        return
+    st.data["restarts"] = restarts + 1
+    st.data["attempt"] = attempt + 1
+    st.enter(
+        ConditionType.RESTARTING,
+        verdict.reason,
+        verdict.message,
+        cleared=failure.reason,
+        why=f"attempt {attempt} failed",
+    )
     if current is not None and not current.deleting:
         plan.delete_jobs.append(current.name)
     plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
 
 
-def _succeed(st: _Status, attempt: AttemptState, job: FineTuneJob) -> None:
+def _succeed(st: _Status, attempt: AttemptState, job: ResolvedJob) -> None:
     rank0 = attempt.pod(0)
-    message: Mapping[str, Any] = (rank0.message if rank0 else None) or {}
-    evaluation = message.get("evaluation")
-    if isinstance(evaluation, dict):
-        st.data["evaluation"] = {str(k): float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
-    output = message.get("output")
-    if isinstance(output, dict) and output.get("uri"):
-        st.data["output"] = {"uri": str(output["uri"])}
-    elif job.spec.output.uri:
-        st.data["output"] = {"uri": job.spec.output.uri}
-    checkpoint = message.get("checkpoint")
-    if isinstance(checkpoint, dict):
+    message = (rank0.message if rank0 else None) or TerminationMessage(reason=Reason.SUCCEEDED)
+    if message.evaluation is not None:
+        st.data["evaluation"] = dict(message.evaluation)
+    st.data["output"] = {"uri": message.output.uri if message.output else job.output_uri}
+    step = message.checkpoint.step if message.checkpoint else None
+    if step is not None:
+        # The step folder, as status.progress' reader writes it while the job runs: one meaning.
         merged = dict(st.data.get("checkpoint") or {})
-        merged.update({k: v for k, v in checkpoint.items() if k in ("uri", "step", "time") and v is not None})
+        merged.update({"uri": job.checkpoint_step_uri(step), "step": step})
+        if message.checkpoint and message.checkpoint.time:
+            merged["time"] = message.checkpoint.time
         st.data["checkpoint"] = merged
-    if isinstance(message.get("step"), int):
+    if message.step is not None:
         progress = dict(st.data.get("progress") or {})
-        progress["step"] = message["step"]
+        progress["step"] = message.step
         st.data["progress"] = progress
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted((st.data.get("evaluation") or {}).items()))
     text = f"attempt {attempt.attempt} succeeded" + (f": {summary}" if summary else "")
-    st.set(ConditionType.SUCCEEDED, True, c.SUCCEEDED, text)
-    st.clear(ConditionType.RUNNING, c.SUCCEEDED, "the job finished")
-    st.clear(ConditionType.RESTARTING, c.SUCCEEDED)
-    st.clear(ConditionType.SUSPENDED, c.SUCCEEDED)
+    st.enter(ConditionType.SUCCEEDED, Reason.SUCCEEDED, text, why="the job finished")
     st.data["completionTime"] = st.data.get("completionTime") or attempt.completion_time or c.rfc3339(st.now)
 
 
-def _finished(job: FineTuneJob, observed: Observed, st: _Status, plan: Plan) -> None:
+def _finished(job: ResolvedJob, observed: Observed, st: _Status, plan: Plan) -> None:
     # Nothing may keep running once the job is terminal (e.g. the deadline failed it).
     for attempt in observed.attempts.values():
         if attempt.owned and not attempt.finished and not attempt.deleting:
@@ -284,10 +293,10 @@ def _finished(job: FineTuneJob, observed: Observed, st: _Status, plan: Plan) -> 
         plan.requeue((due - st.now).total_seconds())
 
 
-def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
-    """The new status of ``job`` and the actions that bring its children there."""
+def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
+    """The new status of ``job`` (resolved once by the caller) and the actions that bring its children there."""
     old = observed.status
-    st = _Status(old, now, _generation(job))
+    st = _Status(old, now, job.generation)
     plan = Plan(status={})
     spec = job.spec
     policy = spec.run_policy
@@ -310,7 +319,7 @@ def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
     started = c.parse_time(st.data.get("startTime"))
     deadline = policy.active_deadline_seconds
     if deadline is not None and started is not None and now >= started + timedelta(seconds=deadline):
-        _fail(st, plan, c.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
+        _fail(st, plan, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
         return _finish_plan(plan, st, old)
 
     if current is not None and not current.owned and (current.stale_owner or current.deleting):
@@ -321,7 +330,7 @@ def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
         _fail(
             st,
             plan,
-            "AttemptNameTaken",
+            Reason.NAME_TAKEN,
             f"a Job named {current.name} exists and is not owned by this FineTuneJob; delete it or rename the job",
             None,
         )
@@ -334,20 +343,19 @@ def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
         _finished(job, observed, st, plan)
     elif current.failed:
         failure = classify_failure(current)
-        if failure.reason == c.DEADLINE_EXCEEDED:
-            _fail(st, plan, c.DEADLINE_EXCEEDED, failure.message, None)
+        if failure.reason == Reason.DEADLINE_EXCEEDED:
+            _fail(st, plan, Reason.DEADLINE_EXCEEDED, failure.message, None)
         else:
             _retry_or_fail(job, st, plan, current, number, failure)
     elif spec.run_policy.suspend:
         if not current.suspended:
             plan.suspend_job = current.name
-        st.set(
+        st.enter(
             ConditionType.SUSPENDED,
-            True,
-            c.USER_SUSPENDED,
+            Reason.USER_SUSPENDED,
             f"spec.runPolicy.suspend is true: attempt {number} is suspended (its pods checkpoint and stop)",
+            why="suspended",
         )
-        st.clear(ConditionType.RUNNING, c.USER_SUSPENDED, "suspended")
     elif current.suspended:
         _suspended_job(st, plan, current, number)
     else:
@@ -358,18 +366,18 @@ def next_status(job: FineTuneJob, observed: Observed, now: datetime) -> Plan:
 
 
 def _without_job(
-    job: FineTuneJob, observed: Observed, st: _Status, plan: Plan, number: int, current: AttemptState | None
+    job: ResolvedJob, observed: Observed, st: _Status, plan: Plan, number: int, current: AttemptState | None
 ) -> None:
     """The current attempt has no (live) Job: create it, once the previous one is gone."""
     if st.true(ConditionType.RUNNING) and current is None:
-        failure = Failure(c.CHILD_DELETED, f"the Job of attempt {number} disappeared while it ran", None, False)
+        failure = Failure(Reason.CHILD_DELETED, f"the Job of attempt {number} disappeared while it ran", None, False)
         _retry_or_fail(job, st, plan, None, number, failure)
         return
     if job.spec.run_policy.suspend:
         st.set(
             ConditionType.SUSPENDED,
             True,
-            c.USER_SUSPENDED,
+            Reason.USER_SUSPENDED,
             f"spec.runPolicy.suspend is true: attempt {number} is not started",
         )
         return
@@ -385,54 +393,63 @@ def _without_job(
             plan.requeue((due - st.now).total_seconds())
             return
     plan.create_attempt = number
-    st.set(ConditionType.CREATED, True, c.CREATED, _created_message(job, number))
-    st.clear(ConditionType.RESTARTING, c.CREATED, f"attempt {number} created")
+    st.set(ConditionType.CREATED, True, Reason.CREATED, _created_message(job, number))
+    st.clear(ConditionType.RESTARTING, Reason.CREATED, f"attempt {number} created")
     if st.true(ConditionType.SUSPENDED):
-        st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"resumed as attempt {number}")
-    st.set(ConditionType.RUNNING, False, c.PENDING, _pending_message(job, number, 0))
+        st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"resumed as attempt {number}")
+    st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, 0))
 
 
-def _created_message(job: FineTuneJob, number: int) -> str:
+def _created_message(job: ResolvedJob, number: int) -> str:
     how = "resumes from the latest checkpoint" if number > 1 else "starts"
-    return f"attempt {number}: Job {job.metadata.name}-a{number} created; training {how}"
+    return f"attempt {number}: Job {names.job_name_for(job.name, number)} created; training {how}"
 
 
-def _pending_message(job: FineTuneJob, number: int, running: int) -> str:
+def _pending_message(job: ResolvedJob, number: int, running: int) -> str:
     return f"attempt {number}: {running}/{job.spec.resources.nodes} pods running"
 
 
 def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) -> None:
     """The Job is suspended but the spec is not: the user resumed, or Kueue holds it."""
-    if st.true(ConditionType.SUSPENDED) and st.reason(ConditionType.SUSPENDED) == c.USER_SUSPENDED:
+    if st.true(ConditionType.SUSPENDED) and st.reason(ConditionType.SUSPENDED) == Reason.USER_SUSPENDED:
         if st.data.get("startTime") is None and not current.queued:
             plan.unsuspend_job = current.name  # it never ran: start it as it is
-            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"attempt {number} resumed")
+            st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} resumed")
         elif st.data.get("startTime") is None:
-            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"attempt {number} waits for Kueue to admit it")
+            st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} waits for Kueue to admit it")
         else:
             # Pods of a suspended Job are gone; resume as a new attempt from the checkpoint.
             plan.delete_jobs.append(current.name)
             st.data["attempt"] = number + 1
-            st.set(ConditionType.SUSPENDED, False, c.RESUMED, f"resuming as attempt {number + 1} from the checkpoint")
+            st.set(
+                ConditionType.SUSPENDED, False, Reason.RESUMED, f"resuming as attempt {number + 1} from the checkpoint"
+            )
             plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
         return
     if current.queued:
         st.set(
-            ConditionType.CREATED, True, c.QUEUED, f"attempt {number}: waiting for Kueue to admit Job {current.name}"
+            ConditionType.CREATED,
+            True,
+            Reason.QUEUED,
+            f"attempt {number}: waiting for Kueue to admit Job {current.name}",
         )
-        st.set(ConditionType.RUNNING, False, c.QUEUED, "queued in Kueue")
+        st.set(ConditionType.RUNNING, False, Reason.QUEUED, "queued in Kueue")
     else:
-        st.set(ConditionType.RUNNING, False, c.NOT_RUNNING, f"Job {current.name} is suspended")
+        st.set(ConditionType.RUNNING, False, Reason.NOT_RUNNING, f"Job {current.name} is suspended")
 
 
-def _active(job: FineTuneJob, st: _Status, current: AttemptState, number: int) -> None:
+def _active(job: ResolvedJob, st: _Status, current: AttemptState, number: int) -> None:
     nodes = job.spec.resources.nodes
     running = current.running_pods()
-    st.set(ConditionType.CREATED, True, c.CREATED, _created_message(job, number))
+    st.set(ConditionType.CREATED, True, Reason.CREATED, _created_message(job, number))
     if running >= nodes:
-        st.set(ConditionType.RUNNING, True, c.PODS_RUNNING, f"attempt {number}: all {nodes} pods running")
-        st.clear(ConditionType.RESTARTING, c.PODS_RUNNING, f"attempt {number} is running")
+        st.enter(
+            ConditionType.RUNNING,
+            Reason.PODS_RUNNING,
+            f"attempt {number}: all {nodes} pods running",
+            why=f"attempt {number} is running",
+        )
         if st.data.get("startTime") is None:
             st.data["startTime"] = c.rfc3339(st.now)
     else:
-        st.set(ConditionType.RUNNING, False, c.PENDING, _pending_message(job, number, running))
+        st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, running))

@@ -6,7 +6,8 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.builders import desired_children, parse_job
+from kubetune_operator.builders import desired_children
+from kubetune_operator.resolve import load_job
 from kubetune_operator.settings import OperatorSettings
 
 
@@ -28,6 +29,5 @@ def render_manifests(docs: list[dict[str, Any]], settings: OperatorSettings) -> 
     object has a uid)."""
     objects: list[dict[str, Any]] = []
     for doc in docs:
-        job = parse_job(doc)
-        objects.extend(desired_children(job, settings, attempt=1))
+        objects.extend(desired_children(load_job(doc, settings), attempt=1))
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)

@@ -7,6 +7,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -142,13 +143,14 @@ def test_trainer_entrypoint_matches_the_operator_builder() -> None:
     entrypoint = [_exec_form(v) for k, v in dockerfile.final().instructions if k == "ENTRYPOINT"][-1]
     assert entrypoint == ["python", "-m", "kubetune_trainer.launch"]
     builders = pytest.importorskip("kubetune_operator.builders", reason="the operator's builders are not there yet")
+    resolve: Any = pytest.importorskip("kubetune_operator.resolve")
     settings = pytest.importorskip("kubetune_operator.settings").OperatorSettings(
         default_checkpoint_uri="s3://kubetune-checkpoints"
     )
     manifest = yaml.safe_load((REPO / "examples" / "lora-sequence-classification.yaml").read_text())
     manifest["metadata"].setdefault("uid", "0b5c6a0e-7d3c-4c1e-9b1a-3f7e2d9c1a00")
-    job = builders.parse_job(manifest)
-    (attempt_job,) = [c for c in builders.desired_children(job, settings, attempt=1) if c["kind"] == "Job"]
+    job = resolve.load_job(manifest, settings)
+    (attempt_job,) = [c for c in builders.desired_children(job, attempt=1) if c["kind"] == "Job"]
     container = attempt_job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == entrypoint, "the pod command and the image entrypoint must agree"
     assert "-m" in container["args"]

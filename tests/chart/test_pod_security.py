@@ -28,6 +28,7 @@ def test_operator_pod_is_restricted(scenario: str) -> None:
 
 def _trainer_jobs(path: Path) -> list[dict[str, Any]]:
     builders = pytest.importorskip("kubetune_operator.builders", reason="the operator's builders are not there yet")
+    resolve: Any = pytest.importorskip("kubetune_operator.resolve")
     settings_module = pytest.importorskip("kubetune_operator.settings")
     settings = settings_module.OperatorSettings(
         default_image="ghcr.io/kubetune/kubetune-trainer:0.1.0",
@@ -38,8 +39,8 @@ def _trainer_jobs(path: Path) -> list[dict[str, Any]]:
     manifest = yaml.safe_load(path.read_text())
     manifest["metadata"].setdefault("uid", "0b5c6a0e-7d3c-4c1e-9b1a-3f7e2d9c1a00")
     manifest["metadata"].setdefault("namespace", "ml")
-    job = builders.parse_job(manifest)
-    children = builders.desired_children(job, settings, attempt=1)
+    job = resolve.load_job(manifest, settings)
+    children = builders.desired_children(job, attempt=1)
     return [child for child in children if child["kind"] == "Job"]
 
 

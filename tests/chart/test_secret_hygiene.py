@@ -24,13 +24,14 @@ OWN_REFERENCES = ("$(JOB_COMPLETION_INDEX)", "$(KUBETUNE_MASTER_ADDR)", "$(KUBET
 
 def _children(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     builders: Any = pytest.importorskip("kubetune_operator.builders", reason="the builders are not there yet")
+    resolve: Any = pytest.importorskip("kubetune_operator.resolve")
     settings: Any = pytest.importorskip("kubetune_operator.settings")
     manifest["metadata"].setdefault("uid", "0b5c6a0e-7d3c-4c1e-9b1a-3f7e2d9c1a00")
-    job = builders.parse_job(manifest)
     config = settings.OperatorSettings(
         default_checkpoint_uri="s3://kubetune-checkpoints", credentials_secret="s3-creds"
     )
-    return list(builders.desired_children(job, config, attempt=2))
+    job = resolve.load_job(manifest, config)
+    return list(builders.desired_children(job, attempt=2))
 
 
 def _hostile_job() -> dict[str, Any]:

@@ -16,6 +16,7 @@ holds training until the test has brought the server back.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -65,11 +66,16 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--wait-file")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--watch-retention", action="store_true")
+    parser.add_argument(
+        "--plugin", action="append", default=[], help="a module to import first (e.g. one registering a storage scheme)"
+    )
     return parser.parse_args()
 
 
 def main() -> int:
     args = _args()
+    for plugin in args.plugin:
+        importlib.import_module(plugin)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("botocore").setLevel(logging.WARNING)
     import deepspeed

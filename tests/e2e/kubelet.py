@@ -29,8 +29,8 @@ from typing import Any
 
 import requests
 
+from kubetune_operator import names
 from kubetune_operator.localpods import (
-    COMPLETION_INDEX_ANNOTATION,
     LocalLayout,
     LocalPod,
     free_port,
@@ -255,7 +255,7 @@ class ProcessKubelet:
             **(metadata.get("labels") or {}),
             "batch.kubernetes.io/job-name": obj["metadata"]["name"],
             "job-name": obj["metadata"]["name"],
-            COMPLETION_INDEX_ANNOTATION: str(index),
+            names.COMPLETION_INDEX_KEY: str(index),
         }
         spec = {**template["spec"], "hostname": f"{obj['metadata']['name']}-{index}"}
         containers = []
@@ -273,7 +273,7 @@ class ProcessKubelet:
                 "name": pod_name,
                 "namespace": self.namespace,
                 "labels": labels,
-                "annotations": {**(metadata.get("annotations") or {}), COMPLETION_INDEX_ANNOTATION: str(index)},
+                "annotations": {**(metadata.get("annotations") or {}), names.COMPLETION_INDEX_KEY: str(index)},
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",

@@ -237,6 +237,11 @@ def test_job_trains_checkpoints_and_publishes(
     assert f"checkpoints/{NAMESPACE}/sentiment/checkpoints/{latest}/MANIFEST.json" in s3.keys(
         f"checkpoints/{NAMESPACE}/sentiment/checkpoints/{latest}/"
     )
+    # status.checkpoint.uri has one meaning while the job runs and after it succeeded: the step folder.
+    folders = s3.uri(f"checkpoints/{NAMESPACE}/sentiment/checkpoints")
+    assert final["checkpoint"]["uri"] == f"{folders}/{latest}"
+    while_running = {s["checkpoint"]["uri"] for s in seen if s.get("phase") == "Running" and s.get("checkpoint")}
+    assert all(uri.rsplit("/", 1)[0] == folders for uri in while_running), while_running
 
 
 def test_killed_pod_restarts_the_gang_and_resumes(

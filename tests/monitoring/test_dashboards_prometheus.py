@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kubetune_operator.monitoring.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
+from kubetune_trainer.spec.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
 from tests.support import synthetic_metrics
 from tests.support.prometheus import (
     assert_every_panel_has_data,

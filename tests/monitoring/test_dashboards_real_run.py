@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.monitoring.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
+from kubetune_trainer.spec.catalog import OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
 from tests.support.metrics_labels import assert_bounded_labels
 from tests.support.prometheus import panel_problems, prometheus_binary, promtool_binary, run_prometheus
 

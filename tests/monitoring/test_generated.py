@@ -11,7 +11,7 @@ import yaml
 
 from kubetune_operator.monitoring import __main__ as generate_all
 from kubetune_operator.monitoring import alerts, chart_readme, dashboards
-from kubetune_operator.monitoring.catalog import ALL_METRICS, series_names
+from kubetune_trainer.spec.catalog import ALL_METRICS, series_names
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"

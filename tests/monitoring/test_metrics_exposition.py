@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_operator.monitoring.catalog import OPERATOR_METRICS, TRAINER_METRICS, series_names
+from kubetune_trainer.spec.catalog import OPERATOR_METRICS, TRAINER_METRICS, series_names
 from tests.support import synthetic_metrics
 from tests.support.metrics_labels import assert_bounded_labels, label_problems, series_count
 from tests.support.prometheus import promtool_binary
@@ -150,7 +150,7 @@ def test_label_checker_catches_unbounded_labels(line: str, complaint: str) -> No
 
 
 def test_catalog_matches_the_team_contract() -> None:
-    contract = importlib.import_module("kubetune_operator.monitoring.catalog")
+    contract = importlib.import_module("kubetune_trainer.spec.catalog")
     names = {spec.name for spec in contract.ALL_METRICS}
     assert len(names) == len(contract.ALL_METRICS) == 30
     for spec in contract.ALL_METRICS:

@@ -15,8 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import MetricsHandler
 
-from kubetune_operator.builders import desired_children, parse_job
+from kubetune_operator.builders import desired_children
 from kubetune_operator.main import OperatorHandle
+from kubetune_operator.resolve import load_job
 from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
 from tests.support.kube import Client, EmulatorServer, JobController, wait_for
 
@@ -67,7 +68,7 @@ def test_create_makes_children_then_running(operator: OperatorHandle, client: Cl
     config_map = client.get("v1", "configmaps", NAMESPACE, "t-create-config")
     service = client.get("v1", "services", NAMESPACE, "t-create")
     attempt_job = client.get("batch/v1", "jobs", NAMESPACE, "t-create-a1")
-    expected = desired_children(parse_job(created), operator.context.settings, attempt=1)
+    expected = desired_children(load_job(created, operator.context.settings), attempt=1)
     # Exactly what the pure builders say, owned by the FineTuneJob.
     assert [strip_server_fields(o) for o in (config_map, service, attempt_job)] == expected
     assert attempt_job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]

@@ -10,7 +10,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_operator.monitoring.catalog import ALL_METRICS, MetricSpec
+from kubetune_trainer.spec.catalog import ALL_METRICS, MetricSpec
 
 #: Series suffixes prometheus-client adds to a family.
 _SUFFIXES = ("_bucket", "_sum", "_count", "_created", "_total")
@@ -58,7 +58,7 @@ def label_problems(text: str, *, prefix: str = "kubetune_", allow_unknown: bool 
     for family in text_string_to_metric_families(text):
         spec = _spec_for(family.name) if family.name.startswith(prefix) else None
         if family.name.startswith(prefix) and spec is None and not allow_unknown:
-            problems.append(f"{family.name}: not in the metric catalog (kubetune_operator.monitoring.catalog)")
+            problems.append(f"{family.name}: not in the metric catalog (kubetune_trainer.spec.catalog)")
         for sample in family.samples:
             for label, value in sample.labels.items():
                 if label in _STRUCTURAL_LABELS:

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.monitoring.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
+from kubetune_trainer.spec.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB, TRAINER_SCRAPE_JOB
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "charts" / "kubetune" / "dashboards"

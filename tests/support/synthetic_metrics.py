@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from kubetune_operator.monitoring.catalog import OPERATOR_METRICS, TRAINER_METRICS, MetricSpec
+from kubetune_trainer.spec.catalog import OPERATOR_METRICS, TRAINER_METRICS, MetricSpec
 
 # Values a healthy job at step 120 of 500 might show.
 _GAUGE_VALUES = {

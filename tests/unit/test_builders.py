@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
 from kubetune_operator import names
-from kubetune_operator.builders import InvalidSpec, desired_children, parse_job, resolve_job
+from kubetune_operator.builders import desired_children
 from kubetune_operator.progress import parse_progress
 from kubetune_operator.render import render_manifests
+from kubetune_operator.resolve import InvalidSpec, load_job, parse_job, resolve_job
 from kubetune_operator.settings import OperatorSettings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +98,7 @@ def test_golden_render(case: str) -> None:
 def test_processes_per_node_defaults_to_the_gpu_request(resources: dict[str, Any], processes: int) -> None:
     doc = _load("lora-sequence-classification.yaml")
     doc["spec"]["resources"] = resources
-    children = desired_children(parse_job(doc), SETTINGS, attempt=1)
+    children = desired_children(load_job(doc, SETTINGS), attempt=1)
     job = next(o for o in children if o["kind"] == "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--nproc-per-node={processes}" in args
@@ -107,13 +108,13 @@ def test_processes_per_node_defaults_to_the_gpu_request(resources: dict[str, Any
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_children_validate_against_kubernetes_schema(case: str) -> None:
-    for obj in desired_children(parse_job(CASES[case]()), SETTINGS, attempt=2):
+    for obj in desired_children(load_job(CASES[case](), SETTINGS), attempt=2):
         kubernetes_validate.validate(obj, "1.33.0", strict=True)
 
 
 def test_attempt_job_gang_semantics() -> None:
-    job = parse_job(_load("lora-sequence-classification.yaml"))
-    config_map, service, attempt_job = desired_children(job, SETTINGS, attempt=3)
+    job = load_job(_load("lora-sequence-classification.yaml"), SETTINGS)
+    config_map, service, attempt_job = desired_children(job, attempt=3)
     spec = attempt_job["spec"]
     assert attempt_job["metadata"]["name"] == "reviews-lora-a3" == names.job_name_for("reviews-lora", 3)
     assert spec["completionMode"] == "Indexed"
@@ -166,7 +167,7 @@ def test_attempt_job_gang_semantics() -> None:
 def test_config_map_carries_the_resolved_job() -> None:
     doc = _load("kueue-queued-lora.yaml")
     del doc["spec"]["checkpoint"]["uri"]
-    config_map, _service, attempt_job = desired_children(parse_job(doc), SETTINGS, attempt=1)
+    config_map, _service, attempt_job = desired_children(load_job(doc, SETTINGS), attempt=1)
     config = json.loads(config_map["data"]["job.json"])
     assert config["spec"]["checkpoint"]["uri"] == "s3://kubetune-checkpoints/team-a/tickets-queued"
     assert config["spec"]["checkpoint"]["endpoint"] == "http://minio.storage:9000"
@@ -176,13 +177,13 @@ def test_config_map_carries_the_resolved_job() -> None:
     assert "uid" not in config["metadata"]
     assert attempt_job["spec"]["suspend"] is True  # Kueue admits it
     assert attempt_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
-    again = resolve_job(resolve_job(parse_job(doc), SETTINGS), SETTINGS)
+    again = resolve_job(resolve_job(parse_job(doc), SETTINGS).job, SETTINGS)
     assert again == resolve_job(parse_job(doc), SETTINGS)
 
 
 def test_spec_values_never_reach_a_shell() -> None:
     doc = _load("lora-sequence-classification.yaml")
-    _cm, _svc, attempt_job = desired_children(parse_job(doc), SETTINGS, attempt=1)
+    _cm, _svc, attempt_job = desired_children(load_job(doc, SETTINGS), attempt=1)
     container = attempt_job["spec"]["template"]["spec"]["containers"][0]
     words = [*container["command"], *container["args"]]
     assert not any(word in ("sh", "bash", "-c", "/bin/sh") for word in words)
@@ -190,7 +191,7 @@ def test_spec_values_never_reach_a_shell() -> None:
 
 
 def test_pvc_sources_are_mounted() -> None:
-    _cm, _svc, attempt_job = desired_children(parse_job(_pvc_job()), SETTINGS, attempt=1)
+    _cm, _svc, attempt_job = desired_children(load_job(_pvc_job(), SETTINGS), attempt=1)
     pod = attempt_job["spec"]["template"]["spec"]
     claims = {
         v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
@@ -210,7 +211,7 @@ def test_missing_checkpoint_uri_without_default_names_the_field() -> None:
     doc = _load("kueue-queued-lora.yaml")
     del doc["spec"]["checkpoint"]["uri"]
     with pytest.raises(InvalidSpec) as caught:
-        desired_children(parse_job(doc), OperatorSettings(), attempt=1)
+        desired_children(load_job(doc, OperatorSettings()), attempt=1)
     assert caught.value.field == "spec.checkpoint.uri"
     assert "KUBETUNE_DEFAULT_CHECKPOINT_URI" in str(caught.value)
 
@@ -235,7 +236,7 @@ def test_parse_job_names_the_bad_field(mutate: Any, field: str) -> None:
 def test_render_outputs_exactly_the_children() -> None:
     docs = [_load("lora-sequence-classification.yaml"), _load("kueue-queued-lora.yaml")]
     rendered = list(yaml.safe_load_all(render_manifests(copy.deepcopy(docs), SETTINGS)))
-    expected = [obj for doc in docs for obj in desired_children(parse_job(doc), SETTINGS, attempt=1)]
+    expected = [obj for doc in docs for obj in desired_children(load_job(doc, SETTINGS), attempt=1)]
     assert rendered == expected
 
 

@@ -14,6 +14,8 @@ import yaml
 from kubetune_operator.conditions import derive_phase, get_condition, set_condition
 from kubetune_operator.observe import observe
 from kubetune_operator.reconcile import Plan, classify_failure, invalid_spec_plan, next_status
+from kubetune_operator.resolve import ResolvedJob, resolve_job
+from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import ConditionType, FineTuneJob, Phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +27,14 @@ NAME = "reviews-lora"
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
 
 
-def make_job(**run_policy: Any) -> FineTuneJob:
+SETTINGS = OperatorSettings(default_checkpoint_uri="s3://ckpt")
+
+
+def make_job(**run_policy: Any) -> ResolvedJob:
     doc = copy.deepcopy(EXAMPLE)
     doc["metadata"].update({"uid": UID, "generation": 3})
     doc["spec"]["runPolicy"] = {"maxRestarts": 2, "backoffSeconds": 30, **run_policy}
-    return FineTuneJob.model_validate(doc)
+    return resolve_job(FineTuneJob.model_validate(doc), SETTINGS)
 
 
 def job_obj(
@@ -87,7 +92,7 @@ def pod_obj(
 
 
 def run(
-    job: FineTuneJob,
+    job: ResolvedJob,
     status: dict[str, Any] | None,
     jobs: list[dict[str, Any]] = (),
     pods: list[dict[str, Any]] = (),
@@ -176,6 +181,27 @@ def test_success_reads_rank0_termination_message() -> None:
     assert plan.status["checkpoint"]["step"] == 300
     assert "accuracy=0.87" in cond(plan, ConditionType.SUCCEEDED)["message"]
     assert cond(plan, ConditionType.RUNNING)["status"] == "False"
+
+
+def test_status_checkpoint_uri_is_the_step_folder_after_success_too() -> None:
+    # The trainer's message names the checkpoint root (spec.checkpoint.uri) and the step; while the job ran,
+    # status.checkpoint.uri was the step folder (refresh_progress), and it stays one after success.
+    message = {
+        "reason": "Succeeded",
+        "message": "done",
+        "exitCode": 0,
+        "step": 300,
+        "checkpoint": {"uri": "s3://ckpt/ml/reviews-lora", "step": 300},
+    }
+    running = {**running_status(), "checkpoint": {"uri": "s3://ckpt/ml/reviews-lora/checkpoints/step-00000250"}}
+    plan = run(
+        make_job(),
+        running,
+        [job_obj(1, conditions=["Complete"])],
+        [pod_obj(1, 0, "Succeeded", 0, message), pod_obj(1, 1, "Succeeded", 0, {"reason": "Succeeded"})],
+    )
+    assert plan.status["checkpoint"] == {"uri": "s3://ckpt/ml/reviews-lora/checkpoints/step-00000300", "step": 300}
+    assert plan.status["output"] == {"uri": "s3://models/ml/reviews-lora"}  # the resolved spec's, none in the message
 
 
 @pytest.mark.parametrize(

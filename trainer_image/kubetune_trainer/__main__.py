@@ -27,10 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         write_termination(error.reason, error.message, error.exit_code)
         return int(error.exit_code)
     except Exception as error:
-        if type(error).__name__ == "StorageUnavailable":  # kubetune_trainer.storage's: retryable, say so
-            print(f"kubetune: StorageUnavailable: {error}", file=sys.stderr, flush=True)
-            write_termination("StorageUnavailable", str(error), ExitCode.RETRYABLE)
-            return int(ExitCode.RETRYABLE)
         traceback.print_exc()
         write_termination("Error", f"{type(error).__name__}: {error}", ExitCode.RETRYABLE)
         return int(ExitCode.RETRYABLE)

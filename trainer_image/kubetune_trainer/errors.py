@@ -2,22 +2,20 @@
 
 Every failure the trainer can explain is a :class:`TrainerError` subclass that
 carries its :class:`ExitCode` and the CamelCase ``reason`` of the team contract.
-``write_termination`` writes the one JSON object (< 4 KiB) that Kubernetes turns
-into the pod's termination message.
+``write_termination`` writes the one :class:`~kubetune_trainer.spec.termination.TerminationMessage`
+(< 4 KiB) that Kubernetes turns into the pod's termination message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.spec.runtime import DEFAULT_TERMINATION_LOG, ENV_TERMINATION_LOG, ExitCode
-
-MAX_TERMINATION_BYTES = 4000  # Kubernetes keeps at most 4096 bytes of the termination message
+from kubetune_trainer.spec.runtime import DEFAULT_TERMINATION_LOG, ENV_TERMINATION_LOG, ExitCode, reason_of
+from kubetune_trainer.spec.termination import TerminationMessage
 
 
 class TrainerError(Exception):
@@ -35,39 +33,41 @@ class InvalidSpec(TrainerError):  # noqa: N818 (named after the termination reas
     """The trainer config does not validate (permanent)."""
 
     exit_code = ExitCode.INVALID_SPEC
-    reason = "InvalidSpec"
+    reason = reason_of(exit_code)
 
 
 class InvalidData(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """Missing file or field, unknown label, empty dataset (permanent)."""
 
     exit_code = ExitCode.INVALID_DATA
-    reason = "InvalidData"
+    reason = reason_of(exit_code)
 
 
 class InvalidModel(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """The backbone is missing or unloadable, or the strategy does not fit it (permanent)."""
 
     exit_code = ExitCode.INVALID_MODEL
-    reason = "InvalidModel"
+    reason = reason_of(exit_code)
 
 
 class NonFiniteLoss(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """The loss became NaN or infinite (permanent: retrying replays the same data)."""
 
     exit_code = ExitCode.NON_FINITE_LOSS
-    reason = "NonFiniteLoss"
+    reason = reason_of(exit_code)
 
 
 class OutOfMemory(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """The accelerator ran out of memory (permanent: the same spec fails the same way)."""
 
     exit_code = ExitCode.OUT_OF_MEMORY
-    reason = "OutOfMemory"
+    reason = reason_of(exit_code)
 
 
 class StorageUnavailable(TrainerError):  # noqa: N818 (named after the termination reason it reports)
-    """Object storage could not be reached (retryable)."""
+    """Object storage could not be reached after all retries (retryable).
+
+    The one definition: the storage backends raise it too (``kubetune_trainer.storage`` re-exports it)."""
 
     exit_code = ExitCode.RETRYABLE
     reason = "StorageUnavailable"
@@ -78,19 +78,15 @@ def termination_log_path() -> Path:
     return Path(os.environ.get(ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG))
 
 
+def termination_message(reason: str, message: str, exit_code: int, **extra: Any) -> TerminationMessage:
+    """The typed message; ``extra`` are its other fields by their wire names (``step``, ``evaluation``, ...)."""
+    body = {k: v for k, v in extra.items() if v is not None}
+    return TerminationMessage.model_validate({**body, "reason": reason, "message": message, "exitCode": int(exit_code)})
+
+
 def termination_payload(reason: str, message: str, exit_code: int, **extra: Any) -> bytes:
     """The JSON termination message, shortened so that it stays below 4 KiB."""
-    body: dict[str, Any] = {"reason": reason, "message": " ".join(message.split()), "exitCode": int(exit_code)}
-    body.update({k: v for k, v in extra.items() if v is not None})
-    data = json.dumps(body, separators=(",", ":"), sort_keys=False).encode()
-    if len(data) > MAX_TERMINATION_BYTES:
-        # Extras go first (they are the bulky part), then the message is cut.
-        body = {"reason": reason, "message": body["message"], "exitCode": int(exit_code)}
-        data = json.dumps(body).encode()
-        while len(data) > MAX_TERMINATION_BYTES:
-            body["message"] = body["message"][: len(body["message"]) // 2] + "..."
-            data = json.dumps(body).encode()
-    return data
+    return termination_message(reason, message, exit_code, **extra).to_bytes()
 
 
 def write_termination(
@@ -126,17 +122,12 @@ def write_termination(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def read_termination_message(path: Path | None = None) -> TerminationMessage | None:
+    """The termination message written so far, or None when absent or not a message."""
+    return TerminationMessage.read(path or termination_log_path())
+
+
 def read_termination(path: Path | None = None) -> dict[str, Any] | None:
-    """The termination message written so far, or None when absent or unreadable."""
-    target = path or termination_log_path()
-    try:
-        text = target.read_text()
-    except OSError:
-        return None
-    if not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    """The wire form of :func:`read_termination_message` (for callers that compare JSON)."""
+    message = read_termination_message(path)
+    return message.to_wire() if message is not None else None

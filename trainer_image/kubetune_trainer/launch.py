@@ -19,36 +19,41 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 import psutil
 
-from kubetune_trainer.errors import read_termination, write_termination
+from kubetune_trainer.errors import read_termination_message, write_termination
 from kubetune_trainer.spec.runtime import ExitCode, is_permanent_failure
+from kubetune_trainer.spec.termination import PREEMPTED, TerminationMessage
 
 # torchrun's agent registers handlers for these; SIGTERM is left to us.
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
-def exit_code_for(worker_codes: Iterable[int], *, sigterm: bool, termination: dict[str, Any] | None) -> int:
+def exit_code_for(
+    worker_codes: Iterable[int], *, sigterm: bool, termination: TerminationMessage | Mapping[str, Any] | None
+) -> int:
     """The launcher's exit code from the workers' exit codes (pure).
 
     Permanent worker codes win (the spec or data is wrong whatever else
     happened); after a SIGTERM the result is PREEMPTED only when a checkpoint
     was committed (the termination log says ``Preempted``), otherwise
     RETRYABLE; any other failure — a crash, a signal, an OOM kill — is
-    retryable.
+    retryable.  ``termination`` may also be the message's JSON object.
     """
+    if termination is not None and not isinstance(termination, TerminationMessage):
+        termination = TerminationMessage.model_validate(termination)
     codes = list(worker_codes)
     if codes and all(code == 0 for code in codes):
         return ExitCode.SUCCESS
     permanent = [code for code in codes if is_permanent_failure(code)]
     if permanent:
         return min(permanent)
-    preempted = (termination or {}).get("reason") == "Preempted"
+    preempted = termination is not None and termination.reason == PREEMPTED
     if ExitCode.PREEMPTED in codes and (preempted or not sigterm):
         return ExitCode.PREEMPTED
     if sigterm and preempted:
@@ -109,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = _failure_codes(error)
     except SignalException as error:
         codes = [-int(error.sigval)]
-    code = exit_code_for(codes, sigterm=forwarder.received, termination=read_termination())
+    code = exit_code_for(codes, sigterm=forwarder.received, termination=read_termination_message())
     if code == ExitCode.RETRYABLE:
         # Workers that die by a signal (OOM kill) write nothing: say what happened.
         write_termination(
-            "Preempted" if forwarder.received else "Error",
+            PREEMPTED if forwarder.received else "Error",
             f"trainer workers exited with codes {sorted(set(codes))}"
             + (" after SIGTERM, before a checkpoint was committed" if forwarder.received else ""),
             code,

@@ -217,7 +217,7 @@ class Trainer:
         return ExitCode.SUCCESS
 
 
-def _plan(spec: FineTuneJobSpec, items: int, batches_per_epoch: int, session: Session) -> tuple[int, int, Any]:
+def _plan(spec: FineTuneJobSpec, batches_per_epoch: int, session: Session) -> tuple[int, int, Any]:
     """(gradient accumulation, total optimizer steps, DeepSpeed config)."""
     from kubetune_trainer.dsconfig import build_deepspeed_config, effective_precision
 
@@ -235,20 +235,25 @@ def _plan(spec: FineTuneJobSpec, items: int, batches_per_epoch: int, session: Se
     return accumulation, total_steps, ds_config
 
 
-def setup(job: FineTuneJob, session: Session) -> Trainer:
-    """Everything up to the first step: data, model, engine, restored checkpoint."""
-    from kubetune_trainer.flops import peak_tflops
-    from kubetune_trainer.metrics import TrainerMetrics
+@dataclass
+class _Inputs:
+    """What setup reads before the model exists: the backbone, tokenizer, data and the step plan."""
+
+    backbone_dir: Path
+    labels: list[str] | None
+    tokenizer: Any
+    data: Any  # TrainingData
+    sampler: data_mod.LengthGroupedSampler
+    accumulation: int
+    total_steps: int
+    ds_config: dict[str, Any]
+
+
+def _inputs(spec: FineTuneJobSpec, session: Session, scratch: Path) -> _Inputs:
     from kubetune_trainer.model import load_tokenizer
     from kubetune_trainer.sources import resolve_backbone
     from kubetune_trainer.trainingdata import load_training_data
 
-    spec, started = job.spec, time.time()
-    seed_everything(spec.training.seed)
-    scratch = work_dir()
-    metrics = TrainerMetrics()
-    if session.local_rank == 0:
-        metrics.serve()
     backbone_dir = resolve_backbone(
         spec.model.source,
         work_dir=scratch,
@@ -258,7 +263,6 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
         region=spec.checkpoint.region,
         revision=spec.model.revision,
     )
-    labels = data_mod.label_names(spec.model)
     tokenizer = load_tokenizer(backbone_dir, spec.model.source)
     data = load_training_data(spec, tokenizer, scratch, session)
     sampler = data_mod.LengthGroupedSampler(
@@ -268,62 +272,85 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
         rank=session.rank,
         seed=spec.training.seed,
     )
-    accumulation, total_steps, ds_config = _plan(spec, len(data.items), sampler.batches_per_epoch(), session)
-    built = build_model(spec, backbone_dir, labels, ds_config=ds_config, total_steps=total_steps)
+    accumulation, total_steps, ds_config = _plan(spec, sampler.batches_per_epoch(), session)
+    labels = data_mod.label_names(spec.model)
+    return _Inputs(backbone_dir, labels, tokenizer, data, sampler, accumulation, total_steps, ds_config)
+
+
+def _reporter(
+    spec: FineTuneJobSpec, session: Session, metrics: Any, inputs: _Inputs, built: TrainableModel
+) -> Reporter:
+    from kubetune_trainer.flops import peak_tflops
+
+    accelerated = session.placement.accelerated
+    return Reporter(
+        metrics=metrics,
+        session=session,
+        total_steps=inputs.total_steps,
+        batches_per_epoch=inputs.sampler.batches_per_epoch(),
+        log_every=spec.training.log_every_steps,
+        flops_per_token=built.flops_per_token,
+        peak_tflops=(
+            peak_tflops(session.placement.name(), spec.resources.accelerator_peak_tflops) if accelerated else None
+        ),
+    )
+
+
+def setup(job: FineTuneJob, session: Session) -> Trainer:
+    """Everything up to the first step: data, model, engine, restored checkpoint."""
+    from kubetune_trainer.metrics import TrainerMetrics
+
+    spec, started = job.spec, time.time()
+    seed_everything(spec.training.seed)
+    scratch = work_dir()
+    metrics = TrainerMetrics()
+    if session.local_rank == 0:
+        metrics.serve()
+    inputs = _inputs(spec, session, scratch)
+    built = build_model(
+        spec, inputs.backbone_dir, inputs.labels, ds_config=inputs.ds_config, total_steps=inputs.total_steps
+    )
     metrics.trainable_parameters.set(built.trainable)
     metrics.parameters.set(built.total)
-    metrics.total_steps.set(total_steps)
+    metrics.total_steps.set(inputs.total_steps)
     session.log(f"strategy {spec.strategy.type.value}: {built.trainable:,} trainable of {built.total:,} parameters")
-    engine = start_engine(built, spec, ds_config, session)
+    engine = start_engine(built, spec, inputs.ds_config, session)
     seed_everything(spec.training.seed + 7919 * session.rank)  # dropout differs per rank, reproducibly
     objective = Objective(
         spec,
         prefix_positions=built.prepared.prefix_positions_in_logits,
-        anchors=session.placement.tensors(built.anchors)
-        if built.anchors is not None
-        else None,  # moved once, kept there
+        anchors=session.placement.tensors(built.anchors) if built.anchors is not None else None,  # moved once
         loss_head=built.loss_head,
         extra_loss=built.prepared.extra_loss,
     )
-    batcher = batcher_for(
-        spec, tokenizer, rank=session.rank, flatten_packed=spec.training.attention == "flash_attention_2"
-    )
-    feeder = Feeder(data.items, sampler, batcher, session.placement, prefetch=2 if session.placement.accelerated else 0)
-    state = TrainState(batches_per_epoch=sampler.batches_per_epoch(), early=early_stopping_for(spec))
+    flash = spec.training.attention == "flash_attention_2"
+    batcher = batcher_for(spec, inputs.tokenizer, rank=session.rank, flatten_packed=flash)
+    prefetch = 2 if session.placement.accelerated else 0
+    feeder = Feeder(inputs.data.items, inputs.sampler, batcher, session.placement, prefetch=prefetch)
+    state = TrainState(batches_per_epoch=inputs.sampler.batches_per_epoch(), early=early_stopping_for(spec))
     checkpoints = Checkpoints(spec, spec_hash=spec_hash(job), work_dir=scratch, metrics=metrics)
     checkpoints.restore(engine, state, session)
-    evaluator = None
-    if data.validation:
-        evaluator = Evaluator(data.validation, objective, batcher, session, spec.training.micro_batch_size, labels)
-    reporter = Reporter(
-        metrics=metrics,
-        session=session,
-        total_steps=total_steps,
-        batches_per_epoch=sampler.batches_per_epoch(),
-        log_every=spec.training.log_every_steps,
-        flops_per_token=built.flops_per_token,
-        peak_tflops=(
-            peak_tflops(session.placement.name(), spec.resources.accelerator_peak_tflops)
-            if session.placement.accelerated
-            else None
-        ),
+    validation = inputs.data.validation
+    micro = spec.training.micro_batch_size
+    evaluator = Evaluator(validation, objective, batcher, session, micro, inputs.labels) if validation else None
+    stepper = TrainStep(
+        engine, objective, feeder, session, accumulation=inputs.accumulation, hook=built.prepared.step_hook
     )
-    stepper = TrainStep(engine, objective, feeder, session, accumulation=accumulation, hook=built.prepared.step_hook)
     return Trainer(
         job,
         session,
         scratch,
         metrics,
-        tokenizer,
+        inputs.tokenizer,
         built,
         engine,
         feeder,
         stepper,
         evaluator,
-        reporter,
+        _reporter(spec, session, metrics, inputs, built),
         checkpoints,
         state,
-        total_steps,
-        accumulation,
+        inputs.total_steps,
+        inputs.accumulation,
         started,
     )

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one trainer pod (names fixed by the team contract, DESIGN §6).
+"""Prometheus metrics of one trainer pod, built from the catalog (:mod:`kubetune_trainer.spec.catalog`).
 
 Local rank 0 of each pod serves them; job-level values (step, loss, eval) are
 set from what every rank agrees on (all-reduced losses), so any pod's endpoint
@@ -12,70 +12,42 @@ import os
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
+from kubetune_trainer.spec import catalog as m
 from kubetune_trainer.spec.runtime import DEFAULT_METRICS_PORT, ENV_METRICS_PORT
-
-STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 class TrainerMetrics:
-    """Every trainer metric, in its own registry (tests can hold several)."""
+    """Every trainer metric of the catalog, in its own registry (tests can hold several)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.step = Gauge("kubetune_trainer_step", "Optimizer steps completed.", registry=r)
-        self.total_steps = Gauge("kubetune_trainer_total_steps", "Optimizer steps of the whole run.", registry=r)
-        self.epoch = Gauge("kubetune_trainer_epoch", "Fractional epoch.", registry=r)
-        self.loss = Gauge("kubetune_trainer_loss", "Training loss by component.", ["component"], registry=r)
-        self.learning_rate = Gauge("kubetune_trainer_learning_rate", "Current learning rate.", registry=r)
-        self.grad_norm = Gauge("kubetune_trainer_grad_norm", "Global gradient norm before clipping.", registry=r)
-        self.samples_total = Counter("kubetune_trainer_samples", "Training examples processed.", registry=r)
-        self.tokens_total = Counter("kubetune_trainer_tokens", "Non-padding training tokens processed.", registry=r)
-        self.samples_per_second = Gauge("kubetune_trainer_samples_per_second", "Training throughput.", registry=r)
-        self.tokens_per_second = Gauge("kubetune_trainer_tokens_per_second", "Token throughput.", registry=r)
-        self.model_flops_utilization = Gauge(
-            "kubetune_trainer_model_flops_utilization",
-            "Model FLOPs utilization: achieved model FLOP/s per accelerator over its dense bf16 peak (0-1).",
-            registry=r,
-        )
-        self.eta_seconds = Gauge("kubetune_trainer_eta_seconds", "Estimated seconds to the last step.", registry=r)
-        self.step_seconds = Histogram(
-            "kubetune_trainer_step_seconds", "Wall time of one optimizer step.", buckets=STEP_BUCKETS, registry=r
-        )
-        self.last_step_timestamp = Gauge(
-            "kubetune_trainer_last_step_timestamp_seconds", "Unix time of the last completed step.", registry=r
-        )
-        self.nonfinite_loss_total = Counter(
-            "kubetune_trainer_nonfinite_loss", "Steps whose loss was NaN or infinite.", registry=r
-        )
-        self.eval = Gauge("kubetune_trainer_eval", "Latest evaluation metrics.", ["metric"], registry=r)
-        self.checkpoint_seconds = Histogram(
-            "kubetune_trainer_checkpoint_seconds",
-            "Checkpoint phase durations.",
-            ["phase"],
-            buckets=CHECKPOINT_BUCKETS,
-            registry=r,
-        )
-        self.checkpoint_bytes_total = Counter(
-            "kubetune_trainer_checkpoint_bytes", "Checkpoint bytes uploaded.", registry=r
-        )
-        self.checkpoint_step = Gauge(
-            "kubetune_trainer_checkpoint_step", "Step of the last committed checkpoint.", registry=r
-        )
-        self.checkpoint_timestamp_seconds = Gauge(
-            "kubetune_trainer_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint.", registry=r
-        )
-        self.checkpoint_fallbacks_total = Counter(
-            "kubetune_trainer_checkpoint_fallbacks", "Restores that fell back to an older checkpoint.", registry=r
-        )
-        self.memory_bytes = Gauge(
-            "kubetune_trainer_accelerator_memory_bytes", "Memory in use by this process.", ["kind"], registry=r
-        )
-        self.trainable_parameters = Gauge("kubetune_trainer_trainable_parameters", "Trainable parameters.", registry=r)
-        self.parameters = Gauge("kubetune_trainer_parameters", "All parameters.", registry=r)
-        for component in ("total", "task", "auxiliary", "l2sp"):
+        self.step = m.instrument(m.STEP, r)
+        self.total_steps = m.instrument(m.TOTAL_STEPS, r)
+        self.epoch = m.instrument(m.EPOCH, r)
+        self.loss = m.instrument(m.LOSS, r)
+        self.learning_rate = m.instrument(m.LEARNING_RATE, r)
+        self.grad_norm = m.instrument(m.GRAD_NORM, r)
+        self.samples_total = m.instrument(m.SAMPLES_TOTAL, r)
+        self.tokens_total = m.instrument(m.TOKENS_TOTAL, r)
+        self.samples_per_second = m.instrument(m.SAMPLES_PER_SECOND, r)
+        self.tokens_per_second = m.instrument(m.TOKENS_PER_SECOND, r)
+        self.model_flops_utilization = m.instrument(m.MODEL_FLOPS_UTILIZATION, r)
+        self.eta_seconds = m.instrument(m.ETA_SECONDS, r)
+        self.step_seconds = m.instrument(m.STEP_SECONDS, r)
+        self.last_step_timestamp = m.instrument(m.LAST_STEP_TIMESTAMP, r)
+        self.nonfinite_loss_total = m.instrument(m.NONFINITE_LOSS_TOTAL, r)
+        self.eval = m.instrument(m.EVAL, r)
+        self.checkpoint_seconds = m.instrument(m.CHECKPOINT_SECONDS, r)
+        self.checkpoint_bytes_total = m.instrument(m.CHECKPOINT_BYTES_TOTAL, r)
+        self.checkpoint_step = m.instrument(m.CHECKPOINT_STEP, r)
+        self.checkpoint_timestamp_seconds = m.instrument(m.CHECKPOINT_TIMESTAMP, r)
+        self.checkpoint_fallbacks_total = m.instrument(m.CHECKPOINT_FALLBACKS_TOTAL, r)
+        self.memory_bytes = m.instrument(m.ACCELERATOR_MEMORY_BYTES, r)
+        self.trainable_parameters = m.instrument(m.TRAINABLE_PARAMETERS, r)
+        self.parameters = m.instrument(m.PARAMETERS, r)
+        for component in m.LOSS_COMPONENTS:
             self.loss.labels(component=component)
 
     def serve(self, port: int | None = None) -> int:

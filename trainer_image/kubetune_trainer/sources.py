@@ -1,9 +1,10 @@
 """Resolve a backbone or data URI to a local path (DESIGN §4.2).
 
-``file://`` and plain paths are used in place, ``pvc://CLAIM/PATH`` maps to the
-claim's mount under ``$KUBETUNE_PVC_ROOT``, ``hf://ORG/NAME`` is fetched from the
-Hugging Face hub (token from ``HF_TOKEN``), and ``s3://`` goes through the storage
-interface.  Downloads happen once per node: local rank 0 fetches into the
+Local URIs (``file://``, ``pvc://CLAIM/PATH``, plain paths: see
+:func:`kubetune_trainer.storage.local_path`) are used in place, ``hf://ORG/NAME``
+is fetched from the Hugging Face hub (token from ``HF_TOKEN``), and every other
+scheme (``s3://``, or one registered with the storage registry) goes through the
+storage interface.  Downloads happen once per node: local rank 0 fetches into the
 node-local work dir while the node's other ranks wait at a barrier.
 """
 
@@ -14,21 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kubetune_trainer import storage
 from kubetune_trainer.errors import InvalidModel, StorageUnavailable
-from kubetune_trainer.spec.runtime import DEFAULT_PVC_ROOT, ENV_PVC_ROOT
+from kubetune_trainer.storage import local_path
+
+__all__ = ["DONE_MARKER", "cache_dir_for", "local_path", "resolve_backbone"]
 
 DONE_MARKER = ".kubetune-download-complete"
-
-
-def local_path(uri: str) -> Path | None:
-    """The filesystem path of a local URI (``file://``, ``pvc://``, plain path); None for remote ones."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if uri.startswith("pvc://"):
-        return Path(os.environ.get(ENV_PVC_ROOT, DEFAULT_PVC_ROOT)) / uri[len("pvc://") :]
-    if "://" not in uri:
-        return Path(uri)
-    return None
+HF_SCHEME = "hf"
 
 
 def cache_dir_for(uri: str, work_dir: Path) -> Path:
@@ -41,7 +35,7 @@ def cache_dir_for(uri: str, work_dir: Path) -> Path:
 def _download_hf(uri: str, target: Path, revision: str | None) -> None:
     from huggingface_hub import snapshot_download
 
-    repo_id = uri[len("hf://") :].strip("/")
+    repo_id = uri[len(f"{HF_SCHEME}://") :].strip("/")
     try:
         snapshot_download(
             repo_id=repo_id, revision=revision, local_dir=str(target), token=os.environ.get("HF_TOKEN") or None
@@ -50,13 +44,11 @@ def _download_hf(uri: str, target: Path, revision: str | None) -> None:
         raise InvalidModel(f"model.source {uri}: cannot download from the Hugging Face hub ({exc})") from exc
 
 
-def _download_s3(uri: str, target: Path, endpoint: str | None, region: str | None) -> None:
-    from kubetune_trainer import storage
-
+def _download_store(uri: str, target: Path, endpoint: str | None, region: str | None) -> None:
     try:
         store = storage.open_store(uri, endpoint=endpoint, region=region)
         files = store.download_prefix("", target)
-    except storage.StorageUnavailable as exc:
+    except StorageUnavailable as exc:
         raise StorageUnavailable(f"model.source {uri}: object storage unavailable ({exc})") from exc
     except (storage.StorageError, FileNotFoundError) as exc:
         raise InvalidModel(f"model.source {uri}: cannot download ({exc})") from exc
@@ -91,10 +83,10 @@ def resolve_backbone(
     if local_rank == 0 and not (target / DONE_MARKER).exists():
         try:
             target.mkdir(parents=True, exist_ok=True)
-            if uri.startswith("hf://"):
+            if storage.scheme_of(uri) == HF_SCHEME:
                 _download_hf(uri, target, revision)
-            elif uri.startswith("s3://"):
-                _download_s3(uri, target, endpoint, region)
+            elif storage.scheme_of(uri) in storage.schemes():
+                _download_store(uri, target, endpoint, region)
             else:
                 raise InvalidModel(f"model.source {uri}: unsupported scheme")
             (target / DONE_MARKER).touch()

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from kubetune_operator.monitoring._generated import write_or_check
-from kubetune_operator.monitoring.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB
+from kubetune_trainer.spec import catalog as m
+from kubetune_trainer.spec.catalog import JOB_NAME_LABEL, OPERATOR_SCRAPE_JOB
 
 DEFAULT_FILE = Path("charts/kubetune/rules/kubetune-alerts.yaml")
 RUNBOOK_BASE_URL = "https://github.com/kubetune/kubetune/blob/main/docs/runbooks.md"
@@ -29,7 +30,7 @@ CHECKPOINT_OVERDUE_SECONDS = 60 * 60
 
 _BY_JOB = f"namespace, {JOB_NAME_LABEL}"
 _ON_JOB = f"on ({_BY_JOB})"
-_TOTAL_LOSS = 'kubetune_trainer_loss{component="total"}'
+_TOTAL_LOSS = m.LOSS.select(component="total")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="ReconcileErrors",
-        expr="sum(rate(kubetune_operator_reconcile_errors_total[5m])) > 0",
+        expr=f"sum(rate({m.RECONCILE_ERRORS_TOTAL.name}[5m])) > 0",
         duration="15m",
         severity="warning",
         summary="The kubetune operator keeps failing to reconcile FineTuneJobs.",
@@ -81,7 +82,7 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="FineTuneJobFailed",
-        expr='max(kubetune_operator_jobs{phase="Failed"}) > 0',
+        expr=f"max({m.OPERATOR_JOBS.select(phase='Failed')}) > 0",
         duration="0m",
         severity="warning",
         summary="A FineTuneJob failed.",
@@ -97,9 +98,9 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
     Alert(
         name="TrainingStalled",
         expr=(
-            f"(time() - {_max_by_job('kubetune_trainer_last_step_timestamp_seconds > 0')} > {STALL_SECONDS})\n"
+            f"(time() - {_max_by_job(f'{m.LAST_STEP_TIMESTAMP.name} > 0')} > {STALL_SECONDS})\n"
             f"and {_ON_JOB}\n"
-            f"({_max_by_job('kubetune_trainer_step')} < {_max_by_job('kubetune_trainer_total_steps')})"
+            f"({_max_by_job(m.STEP.name)} < {_max_by_job(m.TOTAL_STEPS.name)})"
         ),
         duration="0m",
         severity="warning",
@@ -113,11 +114,11 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
     Alert(
         name="LossNotFinite",
         expr=(
-            f"{_max_by_job('kubetune_trainer_nonfinite_loss_total')} > 0\n"
+            f"{_max_by_job(m.NONFINITE_LOSS_TOTAL.name)} > 0\n"
             f"or count by ({_BY_JOB}) "
-            '(kubetune_trainer_loss{component="total"} != kubetune_trainer_loss{component="total"})\n'
+            f"({_TOTAL_LOSS} != {_TOTAL_LOSS})\n"
             f"or count by ({_BY_JOB}) "
-            '(abs(kubetune_trainer_loss{component="total"}) == +Inf)'
+            f"(abs({_TOTAL_LOSS}) == +Inf)"
         ),
         duration="0m",
         severity="critical",
@@ -131,10 +132,10 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
     Alert(
         name="CheckpointOverdue",
         expr=(
-            f"(time() - {_max_by_job('kubetune_trainer_checkpoint_timestamp_seconds > 0')} "
+            f"(time() - {_max_by_job(f'{m.CHECKPOINT_TIMESTAMP.name} > 0')} "
             f"> {CHECKPOINT_OVERDUE_SECONDS})\n"
             f"and {_ON_JOB}\n"
-            f"({_max_by_job('kubetune_trainer_step')} > {_max_by_job('kubetune_trainer_checkpoint_step')})"
+            f"({_max_by_job(m.STEP.name)} > {_max_by_job(m.CHECKPOINT_STEP.name)})"
         ),
         duration="0m",
         severity="warning",

@@ -23,22 +23,19 @@ format on each node and loaded from there.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import logging
 import os
-import platform
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune_trainer.checkpoint import rng, universal
+from kubetune_trainer.checkpoint import rng
 from kubetune_trainer.checkpoint.manifest import (
     CHECKPOINTS_PREFIX,
     LATEST_KEY,
@@ -46,15 +43,21 @@ from kubetune_trainer.checkpoint.manifest import (
     FileEntry,
     Manifest,
     build_manifest,
-    files_needed_by,
     listing_problems,
     manifest_key,
     prefix_of,
     resume_candidates,
     retention_plan,
     scan,
-    sha256_file,
     tag_for,
+)
+from kubetune_trainer.checkpoint.restore import (
+    RESTORE_DIR,
+    discard_fetched,
+    fetch_for_rank,
+    has_frozen_parameters,
+    library_versions,
+    load_fetched,
 )
 from kubetune_trainer.checkpoint.streaming import StreamedFiles, announcing_files, without_zip_checksums
 from kubetune_trainer.storage import ObjectInfo, StorageUnavailable, Store
@@ -65,7 +68,6 @@ T = TypeVar("T")
 
 # Collectives of the manager wait this long for the slowest rank's upload before failing.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
-VERSIONED_PACKAGES = ("kubetune", "torch", "deepspeed", "transformers", "peft")
 _UNAVAILABLE = "unavailable: "  # marks a storage outage in errors exchanged between ranks
 
 
@@ -189,7 +191,7 @@ class CheckpointManager:
         staging = self.work_dir / "checkpoint-staging" / f"rank-{self.rank:05d}"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / tag).mkdir(parents=True)
-        frozen = _has_frozen_parameters(engine)
+        frozen = has_frozen_parameters(engine)
         streamed = StreamedFiles(lambda: self.store.open_upload(prefix_of(tag), move=True), staging / tag)
         try:
             # Each rank saves into its own folder: local ranks share the node's disk, and each folder then holds
@@ -282,7 +284,7 @@ class CheckpointManager:
                 zero_stage=zero_stage,
                 spec_hash=self.spec_hash,
                 per_rank_files=[files for files, _err in gathered],
-                versions=_library_versions(),
+                versions=library_versions(),
                 created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             )
             self.store.put_bytes(manifest_key(tag), manifest.to_json())
@@ -452,75 +454,19 @@ class CheckpointManager:
             return None, None, "; ".join(errors)
         return manifest, load_dir, None
 
-    def _needs_universal(self, manifest: Manifest) -> bool:
-        return manifest.world_size != self.world_size and manifest.zero_stage > 0
-
     def _fetch(self, manifest: Manifest) -> Path:
         """Download (and check) what this rank loads; returns the folder to pass to ``load_checkpoint``."""
-        root = self.work_dir / "checkpoint-restore"
-        if not self._needs_universal(manifest):
-            load_dir = root / f"rank-{self.rank:05d}"
-            shutil.rmtree(load_dir, ignore_errors=True)
-            self._download_checked(manifest, files_needed_by(manifest, self.rank), load_dir / manifest.tag)
-            return load_dir
-        # Another world size: one conversion per node (local ranks share the node's work dir).
-        node_dir = root / "node"
-        if self.local_rank == 0:
-            shutil.rmtree(node_dir, ignore_errors=True)
-            full = node_dir / "full" / manifest.tag
-            self._download_checked(manifest, list(manifest.files), full)
-            log.info(
-                "converting %s (world size %d) to a universal checkpoint for world size %d",
-                manifest.tag,
-                manifest.world_size,
-                self.world_size,
-            )
-            universal.convert(full, node_dir / "universal" / manifest.tag)
-            for rng_file in full.glob(RNG_FILE_PATTERN.replace("{rank:05d}", "*")):
-                shutil.copy2(rng_file, node_dir / "universal" / manifest.tag / rng_file.name)
-            shutil.rmtree(node_dir / "full", ignore_errors=True)
-        return node_dir / "universal"
-
-    def _download_checked(self, manifest: Manifest, files: list[FileEntry], target: Path) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        prefix = prefix_of(manifest.tag)
-
-        def one(entry: FileEntry) -> None:
-            path = target / entry.name
-            self.store.get_file(prefix + entry.name, path)
-            size = path.stat().st_size
-            if size != entry.size:
-                raise ValueError(f"{entry.name}: {size} bytes, manifest says {entry.size}")
-            if sha256_file(path) != entry.sha256:
-                raise ValueError(f"{entry.name}: sha256 differs from the manifest")
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(one, files))
+        return fetch_for_rank(
+            self.store, manifest, self.work_dir / RESTORE_DIR, self.rank, self.local_rank, self.world_size
+        )
 
     def _load(self, engine: Any, manifest: Manifest, load_dir: Path) -> dict[str, Any]:
         # Every rank must have its files before anyone loads (universal: the node's conversion is done).
         self._barrier()
-        strict = not _has_frozen_parameters(engine)  # frozen parameters were excluded when saving
-        if self._needs_universal(manifest):
-            with universal.universal_loading(engine):
-                path, client_state = engine.load_checkpoint(str(load_dir), tag=manifest.tag, load_module_strict=strict)
-        else:
-            path, client_state = engine.load_checkpoint(str(load_dir), tag=manifest.tag, load_module_strict=strict)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {manifest.tag} from {load_dir}")
-        # At another world size rank r takes the state of saved rank r mod old size: every rank gets the
-        # state of a rank that existed (ranks seeded alike stay alike).
-        source_rank = self.rank % manifest.world_size
-        rng_file = load_dir / manifest.tag / RNG_FILE_PATTERN.format(rank=source_rank)
-        if rng_file.is_file():
-            rng.load(rng_file)
-        else:
-            log.warning("checkpoint %s: no RNG state of rank %d, RNG states not restored", manifest.tag, source_rank)
+        client_state = load_fetched(engine, manifest, load_dir, self.rank, self.world_size)
         self._barrier()  # nobody deletes a shared (node) folder another rank still reads
-        shutil.rmtree(self.work_dir / "checkpoint-restore" / f"rank-{self.rank:05d}", ignore_errors=True)
-        if self.local_rank == 0:
-            shutil.rmtree(self.work_dir / "checkpoint-restore" / "node", ignore_errors=True)
-        return dict(client_state or {})
+        discard_fetched(self.work_dir / RESTORE_DIR, self.rank, self.local_rank)
+        return client_state
 
     def _discard_newer_than(self, step: int, latest: str | None, listing: list[ObjectInfo]) -> None:
         """Rank 0 deletes folders newer than the resumed step (crashed saves, failed checkpoints), then all sync.
@@ -544,17 +490,3 @@ def _read_latest(store: Store) -> str | None:
         return store.get_bytes(LATEST_KEY).decode().strip() or None
     except FileNotFoundError:
         return None
-
-
-def _has_frozen_parameters(engine: Any) -> bool:
-    return any(not p.requires_grad for p in engine.module.parameters())
-
-
-def _library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions

@@ -1,6 +1,7 @@
 """The checkpoint layout in storage, the manifest, and the pure decisions made from listings.
 
-Layout under the checkpoint root (DESIGN §5)::
+Layout under the checkpoint root (DESIGN §5; the names come from
+:mod:`kubetune_trainer.spec.layout`, their one owner)::
 
     checkpoints/step-00000500/<DeepSpeed files of every rank + kubetune RNG files>
     checkpoints/step-00000500/MANIFEST.json   written last: every object with size and sha256
@@ -20,30 +21,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.spec.layout import CHECKPOINTS_PREFIX, LATEST_KEY, step_of, tag_for
 from kubetune_trainer.storage import ObjectInfo
 
-CHECKPOINTS_PREFIX = "checkpoints/"
-LATEST_KEY = "checkpoints/LATEST"
+__all__ = [
+    "CHECKPOINTS_PREFIX",
+    "LATEST_KEY",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "RNG_FILE_PATTERN",
+    "FileEntry",
+    "Manifest",
+    "build_manifest",
+    "files_needed_by",
+    "listing_problems",
+    "manifest_key",
+    "prefix_of",
+    "resume_candidates",
+    "retention_plan",
+    "scan",
+    "sha256_file",
+    "step_of",
+    "tag_for",
+]
+
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "kubetune-checkpoint/v1"
 RNG_FILE_PATTERN = "kubetune-rng-rank-{rank:05d}.pt"
 
-_TAG_RE = re.compile(r"^step-(\d{8,})$")
 # DeepSpeed names a file of one data-parallel rank "..zero_pp_rank_<r>_..."; ours "kubetune-rng-rank-<r>".
 _PER_RANK_RE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^kubetune-rng-rank-(\d+)\.pt$")
-
-
-def tag_for(step: int) -> str:
-    """The checkpoint tag (and folder name) of a step: ``step-00000500``."""
-    if step < 0:
-        raise ValueError(f"checkpoint step must be >= 0, got {step}")
-    return f"step-{step:08d}"
-
-
-def step_of(tag: str) -> int | None:
-    """The step named by a tag, or None when the name is not a checkpoint tag."""
-    match = _TAG_RE.match(tag)
-    return int(match.group(1)) if match else None
 
 
 def prefix_of(tag: str) -> str:

@@ -31,6 +31,15 @@ def is_permanent_failure(exit_code: int) -> bool:
     return exit_code in PERMANENT_EXIT_CODES
 
 
+def reason_of(code: ExitCode) -> str:
+    """The CamelCase termination reason of an exit code: ``INVALID_DATA`` → ``InvalidData``."""
+    return "".join(word.capitalize() for word in code.name.split("_"))
+
+
+# Termination reasons that fail a job at once, whatever exit code a pod ended with.
+PERMANENT_REASONS = frozenset(reason_of(code) for code in ExitCode if is_permanent_failure(code))
+
+
 # Environment variables the operator sets on trainer containers.
 ENV_CONFIG = "KUBETUNE_CONFIG"  # path of the trainer config (the resolved FineTuneJob as JSON)
 ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"

@@ -1,7 +1,7 @@
 """The ``FineTuneJob`` status: what the operator observed (DESIGN §2, §8).
 
-Conditions are the truth; ``phase`` is a one-word summary derived from them by
-:func:`kubetune_operator` code.  Written by the operator only.
+Conditions are the truth; ``phase`` is a one-word summary derived from them
+(:func:`phase_of`, from the table :class:`ConditionType`).  Written by the operator only.
 """
 
 from __future__ import annotations
@@ -26,22 +26,62 @@ class Phase(StrEnum):
 
 
 class ConditionType(StrEnum):
-    """Condition types of a FineTuneJob."""
+    """The one table of FineTuneJob conditions: each row is a type, the phase it implies and its Events.
 
-    CREATED = "Created"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
+    Columns: the type; the phase it implies while True (of the conditions that are True, the
+    last row wins; none True means Pending); whether its turning True is a Warning Event; the
+    conditions it sets False when it turns True.  Row order is also the order of
+    ``status.conditions``.  Adding a condition is one row here (plus the code that sets it).
+    """
+
+    phase: Phase
+    warning: bool
+    clears: tuple[str, ...]
+
+    def __new__(cls, value: str, phase: Phase, warning: bool, clears: tuple[str, ...]) -> ConditionType:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.phase = phase
+        member.warning = warning
+        member.clears = clears
+        return member
+
+    @classmethod
+    def of(cls, value: str) -> ConditionType:
+        """The condition type called ``value`` (ValueError for an unknown one)."""
+        for kind in cls:
+            if kind.value == value:
+                return kind
+        raise ValueError(f"unknown condition type {value!r}")
+
+    CREATED = "Created", Phase.PENDING, False, ()
+    RUNNING = "Running", Phase.RUNNING, False, ("Restarting",)
+    RESTARTING = "Restarting", Phase.RESTARTING, True, ("Running",)
+    SUSPENDED = "Suspended", Phase.SUSPENDED, False, ("Running",)
+    SUCCEEDED = "Succeeded", Phase.SUCCEEDED, False, ("Running", "Restarting", "Suspended")
+    FAILED = "Failed", Phase.FAILED, True, ("Running", "Restarting")
+
+
+def phase_of(true_conditions: set[ConditionType]) -> Phase:
+    """The phase implied by the conditions that are True: the last such row of :class:`ConditionType`."""
+    phase = Phase.PENDING
+    for kind in ConditionType:
+        if kind in true_conditions:
+            phase = kind.phase
+    return phase
+
+
+def _listed(words: list[str], last: str) -> str:
+    return ", ".join(words[:-1]) + f"{last}{words[-1]}"
+
+
+_TYPES = [str(kind) for kind in ConditionType]
 
 
 class Condition(KubeModel):
     """A Kubernetes-style condition."""
 
-    type: Annotated[ConditionType, Strict(False)] = Field(
-        description="Created, Running, Restarting, Suspended, Succeeded or Failed."
-    )
+    type: Annotated[ConditionType, Strict(False)] = Field(description=_listed(_TYPES, " or ") + ".")
     status: Annotated[str, Field(pattern="^(True|False|Unknown)$")] = Field(description="True, False or Unknown.")
     reason: Annotated[str, Field(pattern="^[A-Za-z]([A-Za-z0-9_]*)$", max_length=1024)] = Field(
         description="CamelCase reason of the last transition."
@@ -70,7 +110,11 @@ class Progress(KubeModel):
 class CheckpointStatus(KubeModel):
     """The newest committed checkpoint."""
 
-    uri: str | None = Field(default=None, description="URI of the checkpoint.")
+    uri: str | None = Field(
+        default=None,
+        description="URI of the step folder of this checkpoint, <checkpoint.uri>/checkpoints/step-<8-digit step>, "
+        "while the job runs and after it finished.",
+    )
     step: int | None = Field(default=None, description="Step of the checkpoint.")
     time: str | None = Field(default=None, description="When it was committed (RFC 3339).")
 
@@ -87,9 +131,7 @@ class FineTuneJobStatus(KubeModel):
     phase: Annotated[Phase, Strict(False)] | None = Field(
         default=None, description="One-word summary derived from the conditions."
     )
-    conditions: list[Condition] = Field(
-        default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed."
-    )
+    conditions: list[Condition] = Field(default_factory=list, description=_listed(_TYPES, ", ") + ".")
     attempt: int | None = Field(default=None, description="Current attempt number (1-based).")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     start_time: str | None = Field(default=None, description="When the first attempt started (RFC 3339).")
