@@ -41,9 +41,8 @@ from kubetune_operator.reconcile import Verdict, classify_failure, failure_verdi
 from kubetune_operator.resolve import ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
-from kubetune_trainer.spec import FineTuneJob
+from kubetune_trainer.spec import GPU_RESOURCE, FineTuneJob
 from kubetune_trainer.spec import runtime as rt
-from kubetune_trainer.spec.job import GPU_RESOURCE
 from kubetune_trainer.spec.termination import TerminationMessage
 
 LOCAL_IMAGE = "local"

@@ -256,7 +256,7 @@ def test_make_verify_fails_when_a_model_changes_without_regeneration(tmp_path: P
     )
     assert clean.returncode == 0, clean.stdout + clean.stderr
 
-    job_py = copy_root / "trainer_image/kubetune_trainer/spec/job.py"
+    job_py = copy_root / "trainer_image/kubetune_trainer/spec/strategy.py"
     text = job_py.read_text()
     assert 'description="Rank of the update matrices."' in text
     job_py.write_text(text.replace('description="Rank of the update matrices."', 'description="LoRA rank."'))

@@ -12,7 +12,7 @@ engine, so each piece is unit-tested against hand computations.
 ZeRO-3 and L2-SP: under ZeRO-3 a parameter outside ``forward`` is an empty
 placeholder (``ds_tensor`` holds only the local shard), so a penalty over full
 θ would silently be zero.  The spec rejects ``l2sp > 0`` with ``zeroStage: 3``
-(rule on ``objective.regularization.l2sp`` in ``spec/job.py``); as a second
+(rule on ``objective.regularization.l2sp`` in ``spec/jobspec.py``); as a second
 line of defence :func:`snapshot_anchors` and :func:`l2sp_penalty` raise on
 partitioned parameters instead of returning a wrong number.
 """

@@ -1,42 +1,29 @@
-"""The FineTuneJob API (pure pydantic, no torch): spec, status and the whole object."""
+"""The FineTuneJob API (pure pydantic, no torch): one module per section of the spec, status and the object.
+
+``model`` · ``data`` · ``strategy`` · ``training`` (objective and training) ·
+``resources`` (DeepSpeed and workers) · ``artifacts`` (checkpoint, output, run
+policy) · ``jobspec`` (the spec and its cross-section rules) · ``status`` ·
+``finetunejob`` (the object).  Everything is re-exported here.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
-
-from pydantic import Field
-
 from kubetune_trainer.spec._base import KubeModel, Rule
-from kubetune_trainer.spec.job import (
-    CLASSIFICATION_TASKS,
-    LANGUAGE_MODEL_TASKS,
-    STRATEGY_TASKS,
-    AdaLoraConfig,
-    AdapterConfig,
-    AuxiliaryObjective,
-    CheckpointSpec,
-    DatasetSpec,
-    DeepSpeedSpec,
-    EvaluationSpec,
-    FineTuneJobSpec,
-    Ia3Config,
-    LoraConfig,
-    Metric,
-    ModelSpec,
-    ObjectiveSpec,
-    OutputSpec,
-    PartialConfig,
-    PrefixConfig,
-    PromptConfig,
-    Regularization,
-    ResourcesSpec,
-    RunPolicy,
-    StrategySpec,
-    StrategyType,
-    Task,
-    Toleration,
-    TrainingSpec,
+from kubetune_trainer.spec.artifacts import CheckpointSpec, OutputSpec, RunPolicy
+from kubetune_trainer.spec.data import DataFormat, DatasetSpec
+from kubetune_trainer.spec.finetunejob import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    NAME_PATTERN,
+    PLURAL,
+    VERSION,
+    FineTuneJob,
+    ObjectMeta,
 )
+from kubetune_trainer.spec.jobspec import IMMUTABLE_SPEC_FIELDS, FineTuneJobSpec
+from kubetune_trainer.spec.model import CLASSIFICATION_TASKS, LANGUAGE_MODEL_TASKS, ModelSpec, Task
+from kubetune_trainer.spec.resources import GPU_RESOURCE, DeepSpeedSpec, ResourcesSpec, Toleration
 from kubetune_trainer.spec.status import (
     CheckpointStatus,
     Condition,
@@ -46,54 +33,40 @@ from kubetune_trainer.spec.status import (
     Phase,
     Progress,
 )
-
-GROUP = "kubetune.io"
-VERSION = "v1alpha1"
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
-API_VERSION = f"{GROUP}/{VERSION}"
-
-NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
-
-
-class ObjectMeta(KubeModel):
-    """The parts of Kubernetes object metadata kubetune reads.
-
-    Names are limited to 40 characters so that child names
-    (``<name>-a<attempt>-<index>-<suffix>``) stay within Kubernetes' 63.
-    """
-
-    model_config = KubeModel.model_config | {"extra": "allow"}
-
-    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=40)] = Field(description="Name of the job.")
-    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] | None = Field(
-        default=None, description="Namespace of the job."
-    )
-
-
-class FineTuneJob(KubeModel):
-    """A distributed fine-tuning job: a pretrained backbone, data, strategy and objective."""
-
-    api_rules: ClassVar[tuple[Rule, ...]] = ()
-
-    api_version: Literal["kubetune.io/v1alpha1"] = Field(description="kubetune.io/v1alpha1")
-    kind: Literal["FineTuneJob"] = Field(description="FineTuneJob")
-    metadata: ObjectMeta = Field(description="Standard object metadata.")
-    spec: FineTuneJobSpec = Field(description="What to fine-tune and how.")
-    status: FineTuneJobStatus | None = Field(default=None, description="Observed state, written by the operator.")
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> FineTuneJob:
-        """Validate a manifest as read from YAML or from the API server."""
-        return cls.model_validate(manifest)
-
+from kubetune_trainer.spec.strategy import (
+    PEFT_MERGEABLE,
+    STRATEGY_TASKS,
+    AdaLoraConfig,
+    AdapterConfig,
+    Ia3Config,
+    LoraConfig,
+    PartialConfig,
+    PrefixConfig,
+    PromptConfig,
+    StrategySpec,
+    StrategyType,
+)
+from kubetune_trainer.spec.training import (
+    LM_METRICS,
+    AuxiliaryObjective,
+    EvaluationSpec,
+    Metric,
+    ObjectiveSpec,
+    Regularization,
+    TrainingSpec,
+)
 
 __all__ = [
     "API_VERSION",
     "CLASSIFICATION_TASKS",
+    "GPU_RESOURCE",
     "GROUP",
+    "IMMUTABLE_SPEC_FIELDS",
     "KIND",
     "LANGUAGE_MODEL_TASKS",
+    "LM_METRICS",
+    "NAME_PATTERN",
+    "PEFT_MERGEABLE",
     "PLURAL",
     "STRATEGY_TASKS",
     "VERSION",
@@ -104,6 +77,7 @@ __all__ = [
     "CheckpointStatus",
     "Condition",
     "ConditionType",
+    "DataFormat",
     "DatasetSpec",
     "DeepSpeedSpec",
     "EvaluationSpec",

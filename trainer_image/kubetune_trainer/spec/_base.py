@@ -107,3 +107,8 @@ class KubeModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready camelCase form, leaving out unset optional fields."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel_list(values: tuple[str, ...]) -> str:
+    """A CEL list literal of strings: ``['a', 'b']``."""
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Through the package (not spec.job): the API models may move between its modules.
+# Through the package (not a section module): the API models may move between its modules.
 from kubetune_trainer.spec import Metric, Phase
 
 MetricType = Literal["gauge", "counter", "histogram"]

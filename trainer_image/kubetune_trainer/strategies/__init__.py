@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_trainer import spec as spec_job
 from kubetune_trainer.spec import STRATEGY_TASKS, StrategySpec, StrategyType, Task
-from kubetune_trainer.spec import job as spec_job
 from kubetune_trainer.strategies import adapter, full, partial, peft_methods
 from kubetune_trainer.strategies.base import Prepared, StrategyContext, count_parameters
 

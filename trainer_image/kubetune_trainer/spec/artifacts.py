@@ -1,0 +1,71 @@
+"""``spec.checkpoint``, ``spec.output`` and ``spec.runPolicy``: where results go, restarts and deadlines."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from kubetune_trainer.spec._base import DNS1123_SUBDOMAIN_PATTERN, ENDPOINT_PATTERN, KubeModel, StorageUri
+
+
+class CheckpointSpec(KubeModel):
+    """Where and how often checkpoints are written."""
+
+    uri: StorageUri | None = Field(
+        default=None,
+        description="s3://BUCKET/PREFIX, pvc://CLAIM/PATH or file:///PATH; the operator's default when omitted.",
+    )
+    endpoint: Annotated[str, Field(pattern=ENDPOINT_PATTERN, max_length=512)] | None = Field(
+        default=None, description="Endpoint of an S3-compatible store, e.g. http://minio.storage:9000."
+    )
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", max_length=64)] | None = Field(
+        default=None, description="S3 region."
+    )
+    credentials_secret: Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, max_length=253)] | None = Field(
+        default=None,
+        description=(
+            "Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+            "credentials are never given inline."
+        ),
+    )
+    every_steps: Annotated[int, Field(ge=1)] = Field(default=500, description="Steps between checkpoints.")
+    keep_last: Annotated[int, Field(ge=1, le=100)] = Field(default=3, description="Complete checkpoints kept.")
+    async_upload: bool = Field(
+        default=True, description="Upload in the background while training continues (one upload in flight)."
+    )
+
+
+class OutputSpec(KubeModel):
+    """Where the fine-tuned model is published."""
+
+    uri: StorageUri | None = Field(
+        default=None,
+        description=(
+            "Where the Hugging Face-format model or PEFT adapter is written; <checkpoint.uri>/output when omitted."
+        ),
+    )
+    merge_adapter: bool = Field(
+        default=False, description="For lora, adalora and ia3: also write full weights with the adapter merged."
+    )
+
+
+class RunPolicy(KubeModel):
+    """Restarts, deadlines, clean-up and suspension."""
+
+    max_restarts: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=3, description="Gang restarts allowed after retryable failures."
+    )
+    backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
+        default=30, description="Wait before a restarted attempt starts."
+    )
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Fail the job after this many seconds of running in total."
+    )
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Delete the FineTuneJob this long after it finished (storage is kept)."
+    )
+    suspend: bool = Field(default=False, description="Suspend the job; resuming continues from the last checkpoint.")
+    termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = Field(
+        default=600, description="Time a worker has to save a checkpoint after SIGTERM."
+    )
