@@ -94,9 +94,9 @@ def test_a_long_message_is_cut_below_the_kubernetes_limit() -> None:
 
 def test_permanent_reasons_are_the_permanent_exit_codes_by_name() -> None:
     assert reason_of(ExitCode.NON_FINITE_LOSS) == "NonFiniteLoss"
-    assert frozenset({"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss", "OutOfMemory"}) == (
-        PERMANENT_REASONS
-    )
+    assert frozenset(
+        {"InvalidSpec", "InvalidData", "InvalidModel", "NonFiniteLoss", "OutOfMemory", "IncompatibleCheckpoint"}
+    ) == (PERMANENT_REASONS)
 
 
 # -- the layout of a job's URIs
@@ -135,7 +135,14 @@ def test_each_row_of_the_table_is_complete() -> None:
     for kind in ConditionType:
         assert isinstance(kind.phase, Phase)
         assert all(ConditionType.of(other) is not kind for other in kind.clears)
-    assert {kind for kind in ConditionType if kind.warning} == {ConditionType.FAILED, ConditionType.RESTARTING}
+    assert {kind for kind in ConditionType if kind.warning} == {
+        ConditionType.FAILED,
+        ConditionType.RESTARTING,
+        ConditionType.STALLED,
+        ConditionType.CHILD_CONFLICT,
+    }
+    # PodsReady is the one condition whose turning False is the news (a pod cannot start).
+    assert {kind for kind in ConditionType if kind.false_is_news} == {ConditionType.PODS_READY}
     with pytest.raises(ValueError, match="unknown condition type"):
         ConditionType.of("Sleeping")
 

@@ -64,6 +64,14 @@ class OutOfMemory(TrainerError):  # noqa: N818 (named after the termination reas
     reason = reason_of(exit_code)
 
 
+class IncompatibleCheckpoint(TrainerError):  # noqa: N818 (named after the termination reason it reports)
+    """The checkpoint to resume was written for other weights or optimizer state (permanent: see
+    ``spec.checkpoint.resume``)."""
+
+    exit_code = ExitCode.INCOMPATIBLE_CHECKPOINT
+    reason = reason_of(exit_code)
+
+
 class StorageUnavailable(TrainerError):  # noqa: N818 (named after the termination reason it reports)
     """Object storage could not be reached after all retries (retryable).
 

@@ -77,6 +77,7 @@ class Checkpoints:
         self.every = spec.checkpoint.every_steps
         if spec.checkpoint.uri:
             from kubetune_trainer.checkpoint import CheckpointManager
+            from kubetune_trainer.checkpoint.compat import compatibility_of
             from kubetune_trainer.storage import open_store
 
             self.manager = CheckpointManager(
@@ -87,6 +88,8 @@ class Checkpoints:
                 async_upload=spec.checkpoint.async_upload,
                 spec_hash=spec_hash,
                 metrics=metrics,
+                compatibility=compatibility_of(spec),
+                resume=spec.checkpoint.resume,
             )
 
     @property

@@ -9,7 +9,7 @@ uploaded → global rank 0 writes ``MANIFEST.json`` (every object with size and
 sha256) → only then ``LATEST`` moves → retention.  With ``async_upload`` the
 rest of the upload and the commit run in one background thread (at most one in
 flight; the next save waits for it).
-All collectives of the manager run on a gloo process group of its own, so the
+All collectives of the manager run on a gloo process group of its own (:mod:`.ranks`), so the
 background thread never interleaves with the training collectives.
 
 Resume (collective): rank 0 lists the committed steps, newest first, and checks
@@ -29,13 +29,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from kubetune_trainer.checkpoint import rng
+from kubetune_trainer.checkpoint import compat, rng
 from kubetune_trainer.checkpoint.manifest import (
     CHECKPOINTS_PREFIX,
     LATEST_KEY,
@@ -51,6 +50,7 @@ from kubetune_trainer.checkpoint.manifest import (
     scan,
     tag_for,
 )
+from kubetune_trainer.checkpoint.ranks import Ranks
 from kubetune_trainer.checkpoint.restore import (
     RESTORE_DIR,
     discard_fetched,
@@ -60,15 +60,15 @@ from kubetune_trainer.checkpoint.restore import (
     load_fetched,
 )
 from kubetune_trainer.checkpoint.streaming import StreamedFiles, announcing_files, without_zip_checksums
+from kubetune_trainer.errors import IncompatibleCheckpoint
+from kubetune_trainer.spec.runtime import ENV_JOB_UID
 from kubetune_trainer.storage import ObjectInfo, StorageUnavailable, Store
 
 log = logging.getLogger("kubetune_trainer.checkpoint")
 
-T = TypeVar("T")
 
-# Collectives of the manager wait this long for the slowest rank's upload before failing.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
 _UNAVAILABLE = "unavailable: "  # marks a storage outage in errors exchanged between ranks
+_NOT_RESUMED = "not resumed: "  # another job's checkpoint that spec.checkpoint.resume says to leave
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,10 @@ class CheckpointManager:
         spec_hash: str,
         metrics: Any | None = None,
         max_failed_saves: int = 3,
+        compatibility: Mapping[str, Any] | None = None,
+        resume: str = compat.IF_COMPATIBLE,
+        job_uid: str | None = None,
     ) -> None:
-        import torch.distributed as dist
-
         if keep_last < 1:
             raise ValueError(f"checkpoint.keepLast must be >= 1, got {keep_last}")
         self.uri = uri.rstrip("/")
@@ -115,18 +116,14 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_upload = async_upload
         self.spec_hash = spec_hash
+        self.compatibility = dict(compatibility or {})
+        self.resume_policy = resume
+        # Set by the operator on every pod of one FineTuneJob: its own checkpoints always resume.
+        self.job_uid = job_uid if job_uid is not None else os.environ.get(ENV_JOB_UID, "")
         self.metrics = metrics
         self.max_failed_saves = max_failed_saves
-        self._distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self._distributed else 0
-        self.world_size = dist.get_world_size() if self._distributed else 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        # A gloo group of our own: the upload thread's collectives never mix with the training's (NCCL or gloo).
-        self._group = (
-            dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-            if self._distributed and self.world_size > 1
-            else None
-        )
+        self._ranks = Ranks()
+        self.rank, self.world_size, self.local_rank = self._ranks.rank, self._ranks.world_size, self._ranks.local_rank
         self._thread: threading.Thread | None = None
         self._thread_outcome: _Outcome | None = None
         self._last_outcome: _Outcome | None = None
@@ -134,33 +131,6 @@ class CheckpointManager:
         self.committed_step: int | None = None
         # Of the last finished save: from save() until LATEST moved (rank 0), or until rank 0's decision arrived.
         self.last_save_seconds: float | None = None
-
-    # ------------------------------------------------------------------ collectives
-
-    def _all_gather(self, obj: T) -> list[T]:
-        if self._group is None:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._group)
-        return out
-
-    def _broadcast(self, obj: T) -> T:
-        """Rank 0's ``obj`` on every rank."""
-        if self._group is None:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        return box[0]  # type: ignore[return-value]
-
-    def _barrier(self) -> None:
-        if self._group is not None:
-            import torch.distributed as dist
-
-            dist.barrier(group=self._group)
 
     # ------------------------------------------------------------------ metrics (duck-typed, all optional)
 
@@ -246,7 +216,7 @@ class CheckpointManager:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             log.error("checkpoint %s: upload failed: %s", tag, error)
         # The barrier of the protocol: nobody commits before every rank's files are in storage.
-        gathered = self._all_gather((mine, error))
+        gathered = self._ranks.all_gather((mine, error))
         errors = [err for _files, err in gathered if err]
         decision: tuple[bool, str | None] | None = None
         if self.rank == 0:
@@ -256,7 +226,7 @@ class CheckpointManager:
                 # Before the broadcast: no rank starts the next save (and its uploads) while retention still
                 # deletes folders and aborts the multipart uploads it takes for debris.
                 self._retain(step)
-        committed, reason = self._broadcast(decision) or (False, "no decision from rank 0")
+        committed, reason = self._ranks.broadcast(decision) or (False, "no decision from rank 0")
         if self.rank != 0:
             self.last_save_seconds = time.monotonic() - started
         shutil.rmtree(local_dir, ignore_errors=True)
@@ -283,6 +253,8 @@ class CheckpointManager:
                 world_size=self.world_size,
                 zero_stage=zero_stage,
                 spec_hash=self.spec_hash,
+                job_uid=self.job_uid,
+                compatibility=self.compatibility,
                 per_rank_files=[files for files, _err in gathered],
                 versions=library_versions(),
                 created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -373,7 +345,7 @@ class CheckpointManager:
                 survey = (candidates, listing, latest)
             except StorageUnavailable as exc:
                 survey = str(exc)  # every rank raises it below, instead of waiting for rank 0 forever
-        survey = self._broadcast(survey)
+        survey = self._ranks.broadcast(survey)
         if isinstance(survey, str) or survey is None:
             raise StorageUnavailable(survey or "no checkpoint survey from rank 0")
         candidates, listing, latest = survey
@@ -386,6 +358,8 @@ class CheckpointManager:
             if problem is None:
                 chosen = manifest
                 break
+            if problem.startswith(_NOT_RESUMED):
+                continue  # deleted below with everything newer than what is resumed
             skipped.append(step)
             log.error("checkpoint %s failed verification, falling back to an older one: %s", tag_for(step), problem)
             if (counter := self._metric("checkpoint_fallbacks_total")) is not None:
@@ -432,12 +406,15 @@ class CheckpointManager:
                 checked = (None, str(exc))
             except StorageUnavailable as exc:
                 checked = (None, f"{_UNAVAILABLE}{exc}")
-        agreed, problem = self._broadcast(checked)  # type: ignore[misc]
+        agreed, problem = self._ranks.broadcast(checked)  # type: ignore[misc]
         if problem is not None and problem.startswith(_UNAVAILABLE):
             raise StorageUnavailable(problem[len(_UNAVAILABLE) :])
         if problem is not None or agreed is None:
             return None, None, problem or "manifest unreadable"
         manifest = Manifest.from_json(agreed)
+        verdict = self._judge(manifest)
+        if not verdict.resume:
+            return None, None, _NOT_RESUMED + (verdict.note or "")
         load_dir: Path | None = None
         error: str | None = None
         try:
@@ -446,13 +423,29 @@ class CheckpointManager:
             error = f"{_UNAVAILABLE}rank {self.rank}: {exc}"
         except Exception as exc:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        errors = [e for e in self._all_gather(error) if e]
+        errors = [e for e in self._ranks.all_gather(error) if e]
         # Storage down is not a broken checkpoint: do not fall back to an older one, fail (retryable).
         if unavailable := [e for e in errors if e.startswith(_UNAVAILABLE)]:
             raise StorageUnavailable(unavailable[0][len(_UNAVAILABLE) :])
         if errors:
             return None, None, "; ".join(errors)
         return manifest, load_dir, None
+
+    def _judge(self, manifest: Manifest) -> compat.Verdict:
+        """Whether this job may resume ``manifest`` (every rank decides alike; a mismatch fails the job)."""
+        verdict = compat.judge(
+            uri=f"{self.uri}/{prefix_of(manifest.tag).rstrip('/')}",
+            recorded_uid=manifest.job_uid,
+            recorded=manifest.compatibility,
+            job_uid=self.job_uid,
+            current=self.compatibility,
+            policy=self.resume_policy,
+        )
+        if verdict.error is not None:
+            raise IncompatibleCheckpoint(verdict.error)
+        if verdict.note is not None and self.rank == 0:
+            log.warning("%s", verdict.note)
+        return verdict
 
     def _fetch(self, manifest: Manifest) -> Path:
         """Download (and check) what this rank loads; returns the folder to pass to ``load_checkpoint``."""
@@ -462,9 +455,9 @@ class CheckpointManager:
 
     def _load(self, engine: Any, manifest: Manifest, load_dir: Path) -> dict[str, Any]:
         # Every rank must have its files before anyone loads (universal: the node's conversion is done).
-        self._barrier()
+        self._ranks.barrier()
         client_state = load_fetched(engine, manifest, load_dir, self.rank, self.world_size)
-        self._barrier()  # nobody deletes a shared (node) folder another rank still reads
+        self._ranks.barrier()  # nobody deletes a shared (node) folder another rank still reads
         discard_fetched(self.work_dir / RESTORE_DIR, self.rank, self.local_rank)
         return client_state
 
@@ -482,7 +475,7 @@ class CheckpointManager:
             self.store.abort_incomplete_uploads(CHECKPOINTS_PREFIX)
             if step >= 0 and latest != tag_for(step):
                 self.store.put_bytes(LATEST_KEY, f"{tag_for(step)}\n".encode())
-        self._barrier()
+        self._ranks.barrier()
 
 
 def _read_latest(store: Store) -> str | None:

@@ -93,6 +93,8 @@ class Manifest:
     versions: Mapping[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = MANIFEST_FORMAT
+    job_uid: str = ""  # the FineTuneJob that wrote it ("" outside a cluster)
+    compatibility: Mapping[str, Any] = field(default_factory=dict)  # see checkpoint.compat
 
     @property
     def tag(self) -> str:
@@ -113,6 +115,8 @@ class Manifest:
             "specHash": self.spec_hash,
             "created": self.created,
             "versions": dict(self.versions),
+            "jobUid": self.job_uid,
+            "compatibility": dict(self.compatibility),
             "totalBytes": self.total_bytes,
             "files": [{"name": f.name, "size": f.size, "sha256": f.sha256, "rank": f.rank} for f in self.files],
         }
@@ -136,6 +140,8 @@ class Manifest:
                 files=files,
                 versions={str(k): str(v) for k, v in doc.get("versions", {}).items()},
                 created=str(doc.get("created", "")),
+                job_uid=str(doc.get("jobUid", "")),
+                compatibility=dict(doc.get("compatibility") or {}),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{source}: malformed checkpoint manifest ({type(exc).__name__}: {exc})") from exc
@@ -150,6 +156,8 @@ def build_manifest(
     per_rank_files: Sequence[Sequence[FileEntry]],
     versions: Mapping[str, str],
     created: str,
+    job_uid: str = "",
+    compatibility: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Merge every rank's uploaded files into one manifest; ValueError when two ranks wrote the same name."""
     seen: dict[str, int] = {}
@@ -170,6 +178,8 @@ def build_manifest(
         files=tuple(sorted(files, key=lambda f: f.name)),
         versions=dict(versions),
         created=created,
+        job_uid=job_uid,
+        compatibility=dict(compatibility or {}),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,15 @@ class CheckpointSpec(KubeModel):
     keep_last: Annotated[int, Field(ge=1, le=100)] = Field(default=3, description="Complete checkpoints kept.")
     async_upload: bool = Field(
         default=True, description="Upload in the background while training continues (one upload in flight)."
+    )
+    resume: Literal["IfCompatible", "Always", "Never"] = Field(
+        default="IfCompatible",
+        description=(
+            "Checkpoints of this job's own earlier attempts always resume. A checkpoint another FineTuneJob left "
+            "under the URI (a deleted and re-created job): IfCompatible resumes it when it was written for the same "
+            "model, task, labels, strategy, precision and ZeRO stage, and fails the job with IncompatibleCheckpoint "
+            "naming the differing fields otherwise; Always resumes it anyway; Never deletes it and starts from scratch."
+        ),
     )
 
 
@@ -68,4 +77,25 @@ class RunPolicy(KubeModel):
     suspend: bool = Field(default=False, description="Suspend the job; resuming continues from the last checkpoint.")
     termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = Field(
         default=600, description="Time a worker has to save a checkpoint after SIGTERM."
+    )
+    max_preemptions: Annotated[int, Field(ge=0, le=100000)] | None = Field(
+        default=None,
+        description=(
+            "Preemptions (evictions, node drains, lost or reclaimed nodes, Kueue preemption) allowed before the job "
+            "fails with PreemptionLimitExceeded; unlimited when omitted. They never count against maxRestarts."
+        ),
+    )
+    startup_timeout_seconds: Annotated[int, Field(ge=1, le=604800)] | None = Field(
+        default=None,
+        description=(
+            "Fail the attempt (retryable, counted in restarts) when its pods are not all running this long after "
+            "its Job started (time queued in Kueue or suspended does not count); no limit when omitted."
+        ),
+    )
+    stall_timeout_seconds: Annotated[int, Field(ge=1, le=604800)] | None = Field(
+        default=None,
+        description=(
+            "Restart the gang (retryable, counted in restarts) when rank 0 reports no new optimizer step for this "
+            "long, e.g. after an NCCL hang; set it above the longest evaluation or checkpoint save. Off when omitted."
+        ),
     )

@@ -6,6 +6,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from kubetune_trainer.spec import podsettings as ps
+from kubetune_trainer.spec import volumes as vol
 from kubetune_trainer.spec._base import (
     DNS1123_SUBDOMAIN_PATTERN,
     IMAGE_PATTERN,
@@ -113,6 +115,7 @@ class ResourcesSpec(KubeModel):
                 or str(_gpu_quantity(r)) in ("0", str(r.processes_per_node))
             ),
         ),
+        *ps.pod_settings_rules(),
     )
 
     nodes: Annotated[int, Field(ge=1, le=4096)] = Field(default=1, description="Number of worker pods (nodes).")
@@ -143,6 +146,38 @@ class ResourcesSpec(KubeModel):
         default=None, description="ServiceAccount of the pods (they need no API access)."
     )
     shm_size: Quantity = Field(default="8Gi", description="Size of the in-memory /dev/shm volume.")
+    env: Annotated[list[ps.EnvVar], Field(max_length=128)] = Field(
+        default_factory=list,
+        description=(
+            "Extra environment variables of the trainer container (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME), "
+            "each a literal value or a Secret key; they override the operator's NCCL defaults of the same name."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    pod_labels: LabelMap = Field(
+        default_factory=dict, description="Extra labels of the worker pods (cost attribution, policies)."
+    )
+    pod_annotations: Annotated[dict[ps.LabelKey, Annotated[str, Field(max_length=8192)]], Field(max_length=64)] = Field(
+        default_factory=dict,
+        description="Extra annotations of the worker pods, e.g. k8s.v1.cni.cncf.io/networks for Multus.",
+    )
+    affinity: ps.Affinity | None = Field(default=None, description="Node and pod (anti-)affinity of the pods.")
+    topology_spread_constraints: Annotated[list[ps.TopologySpreadConstraint], Field(max_length=16)] = Field(
+        default_factory=list, description="How the pods spread over zones, racks or other topology domains."
+    )
+    volumes: Annotated[list[vol.Volume], Field(max_length=32)] = Field(
+        default_factory=list,
+        description=(
+            "Extra volumes: configMap, secret, emptyDir, persistentVolumeClaim, csi or ephemeral "
+            "(the types Pod Security 'restricted' allows)."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    volume_mounts: Annotated[list[vol.VolumeMount], Field(max_length=32)] = Field(
+        default_factory=list,
+        description="Where the extra volumes appear in the trainer container.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["mountPath"]},
+    )
 
     accelerator_peak_tflops: Annotated[float, Field(gt=0.0, le=100000.0)] | None = Field(
         default=None,

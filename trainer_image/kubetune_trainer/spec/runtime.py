@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     INVALID_MODEL = 12  # backbone missing or unloadable, strategy does not fit the model
     NON_FINITE_LOSS = 13  # loss became NaN or infinite
     OUT_OF_MEMORY = 14  # the accelerator ran out of memory: the same spec fails the same way
+    INCOMPATIBLE_CHECKPOINT = 15  # the checkpoint to resume was written by a spec of other weights or optimizer
     RETRYABLE = 20  # infrastructure trouble: storage unreachable, rendezvous failed
     PREEMPTED = 21  # SIGTERM: a checkpoint was committed, then the process exited
 
@@ -47,6 +48,7 @@ ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # node-local scratch (checkpoint staging, do
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # where pvc://CLAIM/... volumes are mounted
+ENV_JOB_UID = "KUBETUNE_JOB_UID"  # the FineTuneJob's uid: checkpoints of this very job always resume
 
 CONFIG_MOUNT_DIR = "/etc/kubetune"
 CONFIG_FILE_NAME = "job.json"
@@ -54,5 +56,7 @@ DEFAULT_METRICS_PORT = 9400
 DEFAULT_WORK_DIR = "/workspace"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
+TMP_DIR = "/tmp"  # noqa: S108 (a container path backed by its own emptyDir)
+SHM_DIR = "/dev/shm"  # noqa: S108 (a container path backed by an in-memory emptyDir)
 RENDEZVOUS_PORT = 29500
 TRAINER_MODULE = "kubetune_trainer"

@@ -30,20 +30,26 @@ class ConditionType(StrEnum):
 
     Columns: the type; the phase it implies while True (of the conditions that are True, the
     last row wins; none True means Pending); whether its turning True is a Warning Event; the
-    conditions it sets False when it turns True.  Row order is also the order of
-    ``status.conditions``.  Adding a condition is one row here (plus the code that sets it).
+    conditions it sets False when it turns True; whether its turning False (or changing reason
+    while False) is the news instead, a Warning Event (``PodsReady``: a pod cannot start).  Row
+    order is also the order of ``status.conditions``.  Adding a condition is one row here (plus
+    the code that sets it).
     """
 
     phase: Phase
     warning: bool
     clears: tuple[str, ...]
+    false_is_news: bool
 
-    def __new__(cls, value: str, phase: Phase, warning: bool, clears: tuple[str, ...]) -> ConditionType:
+    def __new__(
+        cls, value: str, phase: Phase, warning: bool, clears: tuple[str, ...], false_is_news: bool = False
+    ) -> ConditionType:
         member = str.__new__(cls, value)
         member._value_ = value
         member.phase = phase
         member.warning = warning
         member.clears = clears
+        member.false_is_news = false_is_news
         return member
 
     @classmethod
@@ -55,10 +61,13 @@ class ConditionType(StrEnum):
         raise ValueError(f"unknown condition type {value!r}")
 
     CREATED = "Created", Phase.PENDING, False, ()
-    RUNNING = "Running", Phase.RUNNING, False, ("Restarting",)
+    PODS_READY = "PodsReady", Phase.PENDING, False, (), True  # False: why a pod of the attempt cannot start
+    CHILD_CONFLICT = "ChildConflict", Phase.PENDING, True, ()  # a foreign object holds a child's name
+    RUNNING = "Running", Phase.RUNNING, False, ("Restarting", "Stalled")
+    STALLED = "Stalled", Phase.RUNNING, True, ()  # rank 0 made no optimizer step for stallTimeoutSeconds
     RESTARTING = "Restarting", Phase.RESTARTING, True, ("Running",)
     SUSPENDED = "Suspended", Phase.SUSPENDED, False, ("Running",)
-    SUCCEEDED = "Succeeded", Phase.SUCCEEDED, False, ("Running", "Restarting", "Suspended")
+    SUCCEEDED = "Succeeded", Phase.SUCCEEDED, False, ("Running", "Restarting", "Suspended", "Stalled")
     FAILED = "Failed", Phase.FAILED, True, ("Running", "Restarting")
 
 
@@ -105,6 +114,9 @@ class Progress(KubeModel):
     )
     eta: str | None = Field(default=None, description="Estimated completion time (RFC 3339).")
     updated: str | None = Field(default=None, description="When this progress was read (RFC 3339).")
+    last_step_time: str | None = Field(
+        default=None, description="When the step was last seen to advance in the current attempt (RFC 3339)."
+    )
 
 
 class CheckpointStatus(KubeModel):
@@ -133,7 +145,12 @@ class FineTuneJobStatus(KubeModel):
     )
     conditions: list[Condition] = Field(default_factory=list, description=_listed(_TYPES, ", ") + ".")
     attempt: int | None = Field(default=None, description="Current attempt number (1-based).")
-    restarts: int = Field(default=0, description="Gang restarts so far.")
+    restarts: int = Field(default=0, description="Gang restarts after failures so far (runPolicy.maxRestarts).")
+    preemptions: int = Field(
+        default=0,
+        description="Attempts ended by a disruption (eviction, drain, lost node, Kueue preemption) and re-queued; "
+        "they do not count as restarts.",
+    )
     start_time: str | None = Field(default=None, description="When the first attempt started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Live training progress.")
