@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_operator import conditions as c
 from kubetune_operator import kube, names
 from kubetune_operator.builders import desired_children
-from kubetune_operator.observe import observe, pod_state
-from kubetune_operator.progress import parse_progress
+from kubetune_operator.observe import Conflict, Observed, observe, pod_state, stuck_pods
+from kubetune_operator.progress import parse_progress, with_step_time
 from kubetune_operator.reconcile import Event, Plan, invalid_spec_plan, next_status
 from kubetune_operator.resolve import InvalidSpec, ResolvedJob, load_job
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.spec import Phase
+from kubetune_trainer.spec import KIND, ConditionType, Phase
 from kubetune_trainer.spec import runtime as rt
 
 logger = logging.getLogger("kubetune.operator")
 
 MetricsUrlFn = Callable[[Mapping[str, Any]], str | None]
 EVENT_SOURCE = "kubetune-operator"
+VOLATILE_PROGRESS = ("updated", "eta")  # change on every read; not worth a write on their own
 
 
 def default_metrics_url(pod: Mapping[str, Any]) -> str | None:
@@ -52,6 +53,9 @@ class Outcome:
     old_restarts: int
     status: Mapping[str, Any]
     created_at: str | None
+    preemptions: int = 0
+    old_preemptions: int = 0
+    force_deleted: int = 0
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,17 +98,75 @@ async def post_event(api: kube.KubeApi, body: Mapping[str, Any], event: Event, n
         logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, metadata.get("name"), error)
 
 
-async def _create_children(api: kube.KubeApi, children: list[dict[str, Any]]) -> bool:
+def _owner(obj: Mapping[str, Any], job: ResolvedJob) -> tuple[bool, bool, str]:
+    """``(ours, stale, who)``: owned by this FineTuneJob; owned by an earlier one of the same name."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if job.uid is not None and any(ref.get("uid") == job.uid for ref in refs):
+        return True, False, "owned by this FineTuneJob"
+    stale = any(ref.get("kind") == KIND and ref.get("name") == job.name for ref in refs)
+    who = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
+    return False, stale, f"owned by {who}" if who else "no owner"
+
+
+async def find_conflicts(api: kube.KubeApi, job: ResolvedJob, children: list[dict[str, Any]]) -> tuple[Conflict, ...]:
+    """Existing objects that hold a child's name but are not this FineTuneJob's (create-if-absent
+    must never adopt a user's object: a foreign Service of the job's name would break rendezvous)."""
+    found: list[Conflict] = []
+    for child in children:
+        existing = await api.get(kube.resource_of(child), child["metadata"].get("namespace"), child["metadata"]["name"])
+        if existing is None:
+            continue
+        ours, stale, who = _owner(existing, job)
+        if not ours:
+            found.append(Conflict(str(child["kind"]), str(child["metadata"]["name"]), stale, who))
+    return tuple(found)
+
+
+async def _create_children(api: kube.KubeApi, job: ResolvedJob, children: list[dict[str, Any]]) -> bool:
     created = False
     for child in children:
-        namespace = child["metadata"].get("namespace")
-        created = await api.create(kube.resource_of(child), namespace, child) or created
+        resource, namespace, name = (
+            kube.resource_of(child),
+            child["metadata"].get("namespace"),
+            child["metadata"]["name"],
+        )
+        if await api.create(resource, namespace, child):
+            created = True
+            continue
+        # 409: someone created it between our check and our create; it must be ours to go on.
+        existing = await api.get(resource, namespace, name)
+        if existing is not None and not _owner(existing, job)[0]:
+            raise kube.ApiError(409, "Conflict", f"{child['kind']} {namespace}/{name} is not owned by {job.name}")
     return created
 
 
+async def unready_nodes(api: kube.KubeApi, observed: Observed, now: datetime) -> frozenset[str]:
+    """The nodes of pods stuck Terminating past their grace period that are NotReady, unreachable or gone."""
+    found: set[str] = set()
+    for node_name in sorted({pod.node for pod in stuck_pods(observed, now) if pod.node}):
+        try:
+            node = await api.get(kube.NODES, None, node_name)
+        except kube.ApiError as error:  # e.g. 403 without the chart's node read: never force-delete blindly
+            logger.warning("cannot read node %s (%s): pods stuck on it are left alone", node_name, error)
+            continue
+        if node is None or not node_ready(node):
+            found.add(node_name)
+    return frozenset(found)
+
+
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """Whether a node's kubelet reports in: Ready=True and no unreachable/not-ready taint."""
+    conditions = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
+    taints = {t.get("key") for t in (node.get("spec") or {}).get("taints") or []}
+    return conditions.get("Ready") == "True" and not taints & set(names.NODE_UNREACHABLE_TAINTS)
+
+
 async def _apply(api: kube.KubeApi, namespace: str, plan: Plan, job: ResolvedJob | None) -> bool:
-    """Act on the plan: deletions, suspend flips, then the new attempt's children (create-if-absent)."""
+    """Act on the plan: force deletions, deletions, suspend flips, then the new attempt's children
+    (create-if-absent)."""
     created = False
+    for name in plan.force_delete_pods:
+        await api.delete(kube.PODS, namespace, name, propagation="Background", grace_period_seconds=0)
     for name in plan.delete_jobs:
         # Background: the Job goes now, its pods after it; the next attempt waits until they are gone.
         await api.delete(kube.JOBS, namespace, name, propagation="Background")
@@ -113,7 +175,7 @@ async def _apply(api: kube.KubeApi, namespace: str, plan: Plan, job: ResolvedJob
     if plan.unsuspend_job:
         await api.patch(kube.JOBS, namespace, plan.unsuspend_job, {"spec": {"suspend": False}})
     if plan.create_attempt is not None and job is not None:
-        created = await _create_children(api, desired_children(job, attempt=plan.create_attempt))
+        created = await _create_children(api, job, desired_children(job, attempt=plan.create_attempt))
     return created
 
 
@@ -147,10 +209,7 @@ async def reconcile_one(
     except InvalidSpec as error:
         plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
     else:
-        jobs = await api.list(kube.JOBS, namespace, names.children_selector(name))
-        pods = await api.list(kube.PODS, namespace, names.children_selector(name))
-        observed = observe(name, metadata.get("uid"), old_status, jobs, pods)
-        plan = next_status(job, observed, moment)
+        plan = await _decide(api, job, old_status, moment)
     # The decision is recorded before it is acted on.  A crash between the two then repeats
     # idempotent actions on the next reconcile instead of forgetting the decision: deleting
     # attempt 1's Job first and dying before the status said "attempt 2" would make the next
@@ -162,6 +221,8 @@ async def reconcile_one(
     if patch:
         for event in plan.events:
             await post_event(api, body, event, moment)
+    for event in plan.notices:
+        await post_event(api, body, event, moment)
     if plan.delete_self:
         await api.delete(kube.FINETUNEJOBS, namespace, name, propagation="Background")
     return Outcome(
@@ -175,7 +236,26 @@ async def reconcile_one(
         old_restarts=int(old_status.get("restarts") or 0),
         status=plan.status,
         created_at=metadata.get("creationTimestamp"),
+        preemptions=int(plan.status.get("preemptions") or 0),
+        old_preemptions=int(old_status.get("preemptions") or 0),
+        force_deleted=len(plan.force_delete_pods),
     )
+
+
+async def _decide(api: kube.KubeApi, job: ResolvedJob, old_status: Mapping[str, Any], now: datetime) -> Plan:
+    """Observe the job's children (and, when it matters, the nodes of stuck pods and the owners of
+    the names the next attempt needs), then ask the state machine."""
+    jobs = await api.list(kube.JOBS, job.namespace, names.children_selector(job.name))
+    pods = await api.list(kube.PODS, job.namespace, names.children_selector(job.name))
+    observed = observe(job.name, job.uid, old_status, jobs, pods)
+    if stuck_pods(observed, now):
+        observed = replace(observed, unready_nodes=await unready_nodes(api, observed, now))
+    plan = next_status(job, observed, now)
+    if plan.create_attempt is not None:
+        conflicts = await find_conflicts(api, job, desired_children(job, attempt=plan.create_attempt))
+        if conflicts:
+            plan = next_status(job, replace(observed, conflicts=conflicts), now)
+    return plan
 
 
 async def refresh_progress(
@@ -212,17 +292,21 @@ async def refresh_progress(
     text = await api.fetch_text(url, timeout)
     if text is None:
         return False
-    parsed = parse_progress(text, now())
+    moment = now()
+    parsed = parse_progress(text, moment)
     if parsed is None:
         return False
-    progress, checkpoint = parsed
+    running = next((x for x in status.get("conditions") or [] if x.get("type") == ConditionType.RUNNING.value), None)
+    since = c.parse_time(running.get("lastTransitionTime")) if running else None
+    progress = with_step_time(parsed[0], status.get("progress") or {}, since, moment)
+    checkpoint = parsed[1]
     patch: dict[str, Any] = {"progress": progress}
     if checkpoint:
         merged = {**(status.get("checkpoint") or {}), **checkpoint}
         merged["uri"] = job.checkpoint_step_uri(int(checkpoint["step"]))
         patch["checkpoint"] = merged
-    old_progress = {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
-    new_progress = {k: v for k, v in progress.items() if k != "updated"}
+    old_progress = {k: v for k, v in (status.get("progress") or {}).items() if k not in VOLATILE_PROGRESS}
+    new_progress = {k: v for k, v in progress.items() if k not in VOLATILE_PROGRESS}
     if old_progress == new_progress and patch.get("checkpoint", status.get("checkpoint")) == status.get("checkpoint"):
         return False
     landed = await api.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")

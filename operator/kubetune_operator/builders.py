@@ -31,8 +31,20 @@ ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("HF_TOKEN",)
 RUN_AS_USER = 1000
-TMP_DIR = "/tmp"  # noqa: S108 (a container path backed by its own emptyDir)
-SHM_DIR = "/dev/shm"  # noqa: S108 (a container path backed by an in-memory emptyDir)
+# NCCL and torch.distributed defaults for GPU clusters; spec.resources.env overrides any of them by name.
+NCCL_DEFAULTS = (
+    # A failed or timed-out collective tears the process down (so the pod fails and the gang restarts)
+    # instead of leaving every rank hung in it.
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    ("NCCL_ASYNC_ERROR_HANDLING", "1"),  # the same for torch releases before 2.2
+    # The process-group timeout of deepspeed.init_distributed, in minutes: a hung collective fails within it.
+    ("DEEPSPEED_TIMEOUT", "30"),
+    # The watchdog kills a rank whose NCCL watchdog thread itself hangs.
+    ("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "600"),
+    ("NCCL_DEBUG", "WARN"),
+)
+TMP_DIR = rt.TMP_DIR
+SHM_DIR = rt.SHM_DIR
 CONFIG_PATH = f"{rt.CONFIG_MOUNT_DIR}/{rt.CONFIG_FILE_NAME}"
 
 
@@ -169,13 +181,19 @@ def _env(job: ResolvedJob, attempt: int) -> list[dict[str, Any]]:
         {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
         {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"},
     ]
+    if job.uid:
+        env.append({"name": rt.ENV_JOB_UID, "value": job.uid})
     secret = job.spec.checkpoint.credentials_secret
     if secret:
         for key in CREDENTIAL_KEYS:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
         for key in OPTIONAL_CREDENTIAL_KEYS:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
-    return env
+    user = [entry.model_dump(mode="json", by_alias=True, exclude_none=True) for entry in job.spec.resources.env]
+    chosen = {entry["name"] for entry in user}
+    env.extend({"name": name, "value": value} for name, value in NCCL_DEFAULTS if name not in chosen)
+    # Last, so that a $(VAR) reference in a user value can use every variable above.
+    return env + user
 
 
 def launcher_argv(job: ResolvedJob) -> tuple[list[str], list[str]]:
@@ -198,6 +216,50 @@ def launcher_argv(job: ResolvedJob) -> tuple[list[str], list[str]]:
     return command, args
 
 
+def _volumes(job: ResolvedJob, pvcs: list[PvcMount]) -> list[dict[str, Any]]:
+    """The config, shared-memory, work and tmp volumes, the pvc:// claims, then the spec's extra volumes."""
+    resources = job.spec.resources
+    return [
+        {
+            "name": "config",
+            "configMap": {
+                "name": names.config_map_name(job.name),
+                "items": [{"key": rt.CONFIG_FILE_NAME, "path": rt.CONFIG_FILE_NAME}],
+            },
+        },
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(resources.shm_size)}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        *(
+            {"name": p.volume_name, "persistentVolumeClaim": {"claimName": p.claim, "readOnly": p.read_only}}
+            for p in pvcs
+        ),
+        *(volume.to_wire() for volume in resources.volumes),
+    ]
+
+
+def _scheduling(job: ResolvedJob) -> dict[str, Any]:
+    """Where the pods may run, as the spec says: account, priority, node selector, tolerations,
+    affinity, topology spread."""
+    resources = job.spec.resources
+    pod: dict[str, Any] = {}
+    if resources.service_account_name:
+        pod["serviceAccountName"] = resources.service_account_name
+    if resources.priority_class_name:
+        pod["priorityClassName"] = resources.priority_class_name
+    if resources.node_selector:
+        pod["nodeSelector"] = dict(sorted(resources.node_selector.items()))
+    if resources.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in resources.tolerations
+        ]
+    if resources.affinity is not None:
+        pod["affinity"] = resources.affinity.to_wire()
+    if resources.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = [t.to_wire() for t in resources.topology_spread_constraints]
+    return pod
+
+
 def _pod_spec(job: ResolvedJob, attempt: int) -> dict[str, Any]:
     spec = job.spec
     resources = spec.resources
@@ -209,6 +271,7 @@ def _pod_spec(job: ResolvedJob, attempt: int) -> dict[str, Any]:
         {"name": "work", "mountPath": rt.DEFAULT_WORK_DIR},
         {"name": "tmp", "mountPath": TMP_DIR},
         *({"name": p.volume_name, "mountPath": p.mount_path, "readOnly": p.read_only} for p in pvcs),
+        *(mount.to_wire() for mount in resources.volume_mounts),
     ]
     container: dict[str, Any] = {
         "name": names.CONTAINER_NAME,
@@ -235,22 +298,6 @@ def _pod_spec(job: ResolvedJob, attempt: int) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    volumes: list[dict[str, Any]] = [
-        {
-            "name": "config",
-            "configMap": {
-                "name": names.config_map_name(job.name),
-                "items": [{"key": rt.CONFIG_FILE_NAME, "path": rt.CONFIG_FILE_NAME}],
-            },
-        },
-        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(resources.shm_size)}},
-        {"name": "work", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
-        *(
-            {"name": p.volume_name, "persistentVolumeClaim": {"claimName": p.claim, "readOnly": p.read_only}}
-            for p in pvcs
-        ),
-    ]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": names.service_name(job.name),
@@ -265,19 +312,21 @@ def _pod_spec(job: ResolvedJob, attempt: int) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": volumes,
+        "volumes": _volumes(job, pvcs),
     }
-    if resources.service_account_name:
-        pod["serviceAccountName"] = resources.service_account_name
-    if resources.priority_class_name:
-        pod["priorityClassName"] = resources.priority_class_name
-    if resources.node_selector:
-        pod["nodeSelector"] = dict(sorted(resources.node_selector.items()))
-    if resources.tolerations:
-        pod["tolerations"] = [
-            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in resources.tolerations
-        ]
+    pod.update(_scheduling(job))
     return pod
+
+
+def _pod_metadata(job: ResolvedJob, attempt: int) -> dict[str, Any]:
+    """The pods' labels (the user's, then ours, which the spec cannot override) and annotations."""
+    resources = job.spec.resources
+    metadata: dict[str, Any] = {
+        "labels": {**dict(sorted(resources.pod_labels.items())), **names.standard_labels(job.name, attempt)}
+    }
+    if resources.pod_annotations:
+        metadata["annotations"] = dict(sorted(resources.pod_annotations.items()))
+    return metadata
 
 
 def build_attempt_job(job: ResolvedJob, attempt: int) -> dict[str, Any]:
@@ -309,7 +358,7 @@ def build_attempt_job(job: ResolvedJob, attempt: int) -> dict[str, Any]:
         },
         "suspend": queued or spec.run_policy.suspend,
         "template": {
-            "metadata": {"labels": names.standard_labels(name, attempt)},
+            "metadata": _pod_metadata(job, attempt),
             "spec": _pod_spec(job, attempt),
         },
     }

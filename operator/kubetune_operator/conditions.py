@@ -41,7 +41,20 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # Failed: runPolicy.activeDeadlineSeconds
     INVALID_SPEC = "InvalidSpec"  # Failed: the spec cannot run (the message names the field)
     CHILD_DELETED = "AttemptJobLost"  # a retryable failure: the running attempt's Job vanished
-    NAME_TAKEN = "AttemptNameTaken"  # Failed: a foreign Job holds the attempt's name
+    PREEMPTED = "Preempted"  # Restarting: a disruption ended the attempt; re-queued, not a restart
+    EVICTED = "Evicted"  # Running=False: Kueue evicted the running attempt (its Job is suspended)
+    PREEMPTION_LIMIT_EXCEEDED = "PreemptionLimitExceeded"  # Failed: runPolicy.maxPreemptions used up
+    STARTUP_TIMEOUT = "StartupTimeout"  # a retryable failure: pods not all running within startupTimeoutSeconds
+    STALLED = "Stalled"  # a retryable failure: no optimizer step for stallTimeoutSeconds
+    NO_PROGRESS = "NoProgress"  # Stalled: rank 0's step stopped advancing
+    CONTAINER_CREATING = "ContainerCreating"  # PodsReady=False: pods are being started (quiet)
+    NAME_TAKEN = "NameTaken"  # ChildConflict: a foreign object holds a child's name
+    RESOLVED = "Resolved"  # ChildConflict=False: the name is free again
+    POD_FORCE_DELETED = "PodForceDeleted"  # an Event: a pod stuck Terminating on a lost node was force-deleted
+
+
+# PodsReady=False reasons that are a normal part of starting: no Warning Event for them.
+QUIET_REASONS = frozenset({Reason.PENDING, Reason.CONTAINER_CREATING, Reason.CREATED})
 
 
 def rfc3339(moment: datetime) -> str:

@@ -88,21 +88,22 @@ def _convert(node: JsonSchema, defs: dict[str, JsonSchema], rules_by_name: dict[
             if ("description" in rest and "description" not in merged) or "description" in rest:
                 merged["description"] = rest["description"]
             for key, value in rest.items():
-                if key != "description":
+                if key != "description" and key not in _DROPPED_KEYWORDS:
                     merged[key] = value
-            node = merged
-        else:
-            types = sorted(b.get("type", "") for b in branches)
-            if types != ["integer", "string"]:
-                raise ValueError(f"unsupported union in CRD schema: {branches}")
-            # int-or-string (Kubernetes quantities): value validations move to the node.
-            node = dict(rest)
-            node["x-kubernetes-int-or-string"] = True
-            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-            for branch in branches:
-                for key in ("minimum", "pattern", "maxLength"):
-                    if key in branch:
-                        node[key] = branch[key]
+            # The branch is converted already: converting it again would give optional models inside
+            # optional models a `default: {}` (their `default: null` was dropped above).
+            return merged
+        types = sorted(b.get("type", "") for b in branches)
+        if types != ["integer", "string"]:
+            raise ValueError(f"unsupported union in CRD schema: {branches}")
+        # int-or-string (Kubernetes quantities): value validations move to the node.
+        node = dict(rest)
+        node["x-kubernetes-int-or-string"] = True
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        for branch in branches:
+            for key in ("minimum", "pattern", "maxLength"):
+                if key in branch:
+                    node[key] = branch[key]
 
     if "const" in node:
         node["enum"] = [node["const"]]
@@ -189,7 +190,7 @@ def openapi_schema() -> JsonSchema:
 
 
 def printer_columns() -> list[dict[str, Any]]:
-    """Columns shown by ``kubectl get ftj``."""
+    """Columns shown by ``kubectl get ftj`` (priority 1: with ``-o wide``)."""
     return [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
@@ -198,6 +199,9 @@ def printer_columns() -> list[dict[str, Any]]:
         {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+        {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "priority": 1},
+        # An absolute time in the future: kubectl's date type would print it as an (invalid) age.
+        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

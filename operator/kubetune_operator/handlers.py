@@ -29,6 +29,7 @@ Key = tuple[str, str]  # (namespace, name)
 TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 RETRY_SECONDS = 2.0
 SLOW_RETRY_SECONDS = 30.0
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("v1", "pods"))  # watched for events of the attempts
 
 
 @dataclass
@@ -200,8 +201,8 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, context: Context, re
     # A child that was just ADDED tells nothing new (the operator created the Job; a new pod is
     # Pending): skipping those saves a reconcile per child at scale.  Initial listings after a
     # restart arrive without a type and are covered by the resume handler anyway.
-    @kopf.on.event("batch", "v1", "jobs", labels=children, registry=registry)
-    @kopf.on.event("", "v1", "pods", labels=children, registry=registry)
+    @kopf.on.event(*CHILD_RESOURCES[0], labels=children, registry=registry)
+    @kopf.on.event(*CHILD_RESOURCES[1], labels=children, registry=registry)
     async def child_event(
         type: str | None,
         namespace: str | None,
@@ -251,13 +252,19 @@ def _register_timers(registry: kopf.OperatorRegistry, context: Context, reconcil
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """kopf settings every replica uses: progress and diff-base in annotations (never in
     status, which the CRD schema would prune), warnings only as kopf Events (the
-    operator posts its own transition Events), and a finalizer name of our own."""
+    operator posts its own transition Events), a finalizer name of our own, and label
+    selectors on the watches of Jobs and pods."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=names.KOPF_PREFIX, key=names.KOPF_DIFFBASE_KEY
     )
     settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.WARNING
+    # Server-side filtering: the API server sends only our children, never every Job and Pod of the
+    # cluster (kopf's handler label filters alone would stream them all and drop them here).
+    children = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = children
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60

@@ -67,15 +67,16 @@ SERVICES = Resource("", "v1", "services")
 PODS = Resource("", "v1", "pods")
 EVENTS = Resource("", "v1", "events")
 JOBS = Resource("batch", "v1", "jobs")
+NODES = Resource("", "v1", "nodes", namespaced=False)
 FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
+KINDS = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES, "Job": JOBS}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:
     """The resource of a manifest the builders produce."""
     kind = obj.get("kind")
-    for resource, expected in ((CONFIG_MAPS, "ConfigMap"), (SERVICES, "Service"), (JOBS, "Job")):
-        if kind == expected:
-            return resource
+    if kind in KINDS:
+        return KINDS[str(kind)]
     raise ValueError(f"unsupported kind {kind!r}")
 
 
@@ -208,10 +209,19 @@ class KubeApi:
         return dict(payload) if isinstance(payload, dict) else None
 
     async def delete(
-        self, resource: Resource, namespace: str | None, name: str, *, propagation: str = "Background"
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        *,
+        propagation: str = "Background",
+        grace_period_seconds: int | None = None,
     ) -> bool:
-        """Delete with ``propagationPolicy``; False when it was already gone."""
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        """Delete with ``propagationPolicy`` (and ``gracePeriodSeconds``: 0 force-deletes a pod);
+        False when it was already gone."""
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        if grace_period_seconds is not None:
+            body["gracePeriodSeconds"] = grace_period_seconds
         status, payload = await self._request("DELETE", resource.path(namespace, name), body=body)
         if status == 404:
             return False

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from kubetune_operator import names
 from kubetune_operator.builders import desired_children
+from kubetune_operator.failures import Verdict, classify_failure, failure_verdict
 from kubetune_operator.localpods import (
     LocalLayout,
     LocalPod,
@@ -37,7 +38,6 @@ from kubetune_operator.localpods import (
 )
 from kubetune_operator.observe import AttemptState, PodState
 from kubetune_operator.progress import parse_progress
-from kubetune_operator.reconcile import Verdict, classify_failure, failure_verdict
 from kubetune_operator.resolve import ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
@@ -140,6 +140,7 @@ class LocalRun:
         self.pods: list[LocalPod] = []
         self.attempt = 1
         self.restarts = 0
+        self.preemptions = 0
 
     def start(self, attempt: int = 1) -> None:
         """Build attempt ``attempt``'s children with the operator's builders and start every pod."""
@@ -189,8 +190,11 @@ class LocalRun:
                 verdict = self._judge(failed)
                 if not verdict.restart:
                     return self._exit_code(failed)
-                self.restarts += 1
-                time.sleep(self.job.spec.run_policy.backoff_seconds)
+                if verdict.preempted:
+                    self.preemptions += 1
+                else:
+                    self.restarts += 1
+                time.sleep(0 if verdict.preempted else self.job.spec.run_policy.backoff_seconds)
                 self.start(self.attempt + 1)
         message = TerminationMessage.parse(self.pods[0].termination_message())
         self.console.print(_summary_table(self.job, message, time.monotonic() - started))
@@ -245,7 +249,9 @@ class LocalRun:
     def _judge(self, failed: AttemptState) -> Verdict:
         """Stop the gang and tell the user what the operator's failure policy decided."""
         self.stop(FAILED_POD_GRACE_SECONDS)
-        verdict = failure_verdict(self.job.spec.run_policy, self.attempt, self.restarts, classify_failure(failed))
+        verdict = failure_verdict(
+            self.job.spec.run_policy, self.attempt, self.restarts, classify_failure(failed), self.preemptions
+        )
         word = "restarting" if verdict.restart else "failed"
         self.console.print(f"[red]{word}[/red] ({verdict.reason}): {verdict.message}", soft_wrap=True)
         return verdict

@@ -22,6 +22,8 @@ class OperatorMetrics:
         self.registry = CollectorRegistry()
         self.jobs = m.instrument(m.OPERATOR_JOBS, self.registry)
         self.restarts = m.instrument(m.OPERATOR_RESTARTS_TOTAL, self.registry)
+        self.preemptions = m.instrument(m.OPERATOR_PREEMPTIONS_TOTAL, self.registry)
+        self.force_deleted = m.instrument(m.PODS_FORCE_DELETED_TOTAL, self.registry)
         self.reconcile_seconds = m.instrument(m.RECONCILE_SECONDS, self.registry)
         self.reconcile_errors = m.instrument(m.RECONCILE_ERRORS_TOTAL, self.registry)
         self.time_to_running = m.instrument(m.TIME_TO_RUNNING_SECONDS, self.registry)
@@ -35,6 +37,10 @@ class OperatorMetrics:
         self.reconcile_seconds.observe(seconds)
         if outcome.restarts > outcome.old_restarts:
             self.restarts.inc(outcome.restarts - outcome.old_restarts)
+        if outcome.preemptions > outcome.old_preemptions:
+            self.preemptions.inc(outcome.preemptions - outcome.old_preemptions)
+        if outcome.force_deleted:
+            self.force_deleted.inc(outcome.force_deleted)
         status: Mapping[str, object] = outcome.status
         if outcome.phase != outcome.old_phase and outcome.status_changed:
             created = parse_time(outcome.created_at)

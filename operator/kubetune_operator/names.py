@@ -18,6 +18,9 @@ LABEL_JOB_NAME = "kubetune.io/job-name"  # the FineTuneJob a child belongs to (t
 LABEL_ATTEMPT = "kubetune.io/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits Jobs that carry it
 
+# -- node taints that say a node's kubelet is gone (the node lifecycle controller sets them)
+NODE_UNREACHABLE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
 # -- annotation keys
 # The Job controller puts a pod's completion index in this annotation (and, since Kubernetes 1.28, a label).
 COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kubetune_operator import names
+from kubetune_operator.conditions import parse_time
 from kubetune_trainer.spec import KIND
 from kubetune_trainer.spec.termination import TerminationMessage
+
+# Container waiting reasons that are a normal part of starting (not worth a warning).
+STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
+UNSCHEDULABLE = "Unschedulable"
+DISRUPTION_TARGET = "DisruptionTarget"
+EVICTED = "Evicted"  # status.reason of a pod the kubelet evicted under node pressure
 
 
 @dataclass(frozen=True)
@@ -30,14 +38,28 @@ class PodState:
     raw_message: str
     ip: str | None
     deleting: bool
+    node: str | None = None  # spec.nodeName once scheduled
+    deletion_deadline: datetime | None = None  # deletionTimestamp: when the grace period ends
+    disruption: str | None = None  # the reason of a True DisruptionTarget condition (EvictionByEvictionAPI, ...)
+    waiting: tuple[str, str] | None = None  # (reason, message) of why a pending pod does not start
 
     @property
     def running(self) -> bool:
         return self.phase == "Running" and not self.deleting
 
     @property
+    def started(self) -> bool:
+        """Its container ran (or runs): the pod is past scheduling, image pull and container creation."""
+        return self.phase in ("Running", "Succeeded", "Failed") or self.exit_code is not None
+
+    @property
     def failed(self) -> bool:
         return self.phase == "Failed" or (self.exit_code is not None and self.exit_code != 0)
+
+    @property
+    def disrupted(self) -> bool:
+        """Kubernetes is taking this pod away (eviction, preemption, lost node): the gang cannot go on."""
+        return self.disruption is not None and (self.deleting or self.failed)
 
 
 @dataclass(frozen=True)
@@ -53,12 +75,14 @@ class AttemptState:
     active: int
     succeeded: int
     complete: bool
-    failed: bool
+    failed: bool  # the Job failed, or a pod of it failed or was disrupted (the gang is broken)
     failed_reason: str | None
     failed_message: str | None
     completion_time: str | None
     deleting: bool
     pods: tuple[PodState, ...] = ()
+    start_time: datetime | None = None  # status.startTime: when the Job last started (reset by a suspend)
+    job_failed: bool = False  # the Job itself says Failed (its pods stopping alone is not enough)
 
     @property
     def finished(self) -> bool:
@@ -66,6 +90,10 @@ class AttemptState:
 
     def running_pods(self) -> int:
         return sum(1 for pod in self.pods if pod.running)
+
+    def started_pods(self) -> int:
+        """Pods whose container ran, one per completion index."""
+        return len({pod.index for pod in self.pods if pod.started})
 
     def pod(self, index: int) -> PodState | None:
         """The newest live pod of completion ``index``."""
@@ -82,10 +110,59 @@ class Observed:
     status: Mapping[str, Any] = field(default_factory=dict)
     attempts: Mapping[int, AttemptState] = field(default_factory=dict)
     pods_left: Mapping[int, int] = field(default_factory=dict)  # attempt -> pods not yet gone
+    pods: Mapping[int, tuple[PodState, ...]] = field(default_factory=dict)  # attempt -> every pod of it
+    unready_nodes: frozenset[str] = frozenset()  # nodes of stuck pods that are NotReady, unreachable or gone
+    conflicts: tuple[Conflict, ...] = ()  # children the next attempt would create whose names are taken
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An object that holds the name of a child the operator must create."""
+
+    kind: str
+    name: str
+    stale: bool  # owned by an earlier FineTuneJob of the same name: garbage collection will remove it
+    owner: str  # who owns it, for the message ("no owner" when none)
+
+    def describe(self, namespace: str) -> str:
+        """``Service ml/x (owner: ...)``."""
+        return f"{self.kind} {namespace}/{self.name} ({self.owner})"
 
 
 def _conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)}
+
+
+def _waiting(status: Mapping[str, Any], conditions: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Why a pod has not started: the scheduler's verdict, or its container's waiting reason."""
+    scheduled = conditions.get("PodScheduled")
+    if scheduled and scheduled.get("status") == "False":
+        return str(scheduled.get("reason") or UNSCHEDULABLE), str(scheduled.get("message") or "")
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason"):
+            return str(waiting["reason"]), str(waiting.get("message") or "")
+    return None
+
+
+def _disruption(status: Mapping[str, Any], conditions: Mapping[str, Mapping[str, Any]]) -> str | None:
+    target = conditions.get(DISRUPTION_TARGET)
+    if target and target.get("status") == "True":
+        return str(target.get("reason") or DISRUPTION_TARGET)
+    return EVICTED if status.get("reason") == EVICTED else None
+
+
+def _terminated(status: Mapping[str, Any]) -> tuple[int | None, str | None, str]:
+    """Exit code, reason and message of the trainer container, once it terminated."""
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != names.CONTAINER_NAME:
+            continue
+        terminated = (container.get("state") or {}).get("terminated") or (container.get("lastState") or {}).get(
+            "terminated"
+        )
+        if terminated:
+            return int(terminated.get("exitCode", 0)), terminated.get("reason"), str(terminated.get("message") or "")
+    return None, None, ""
 
 
 def pod_state(pod: Mapping[str, Any]) -> PodState:
@@ -95,19 +172,9 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
     annotations = metadata.get("annotations") or {}
     index_text = str(labels.get(names.COMPLETION_INDEX_KEY, annotations.get(names.COMPLETION_INDEX_KEY, "0")))
     status = pod.get("status") or {}
-    exit_code: int | None = None
-    reason: str | None = None
-    raw = ""
-    for container in status.get("containerStatuses") or []:
-        if container.get("name") != names.CONTAINER_NAME:
-            continue
-        terminated = (container.get("state") or {}).get("terminated") or (container.get("lastState") or {}).get(
-            "terminated"
-        )
-        if terminated:
-            exit_code = int(terminated.get("exitCode", 0))
-            reason = terminated.get("reason")
-            raw = str(terminated.get("message") or "")
+    conditions = _conditions(pod)
+    exit_code, reason, raw = _terminated(status)
+    deletion = metadata.get("deletionTimestamp")
     return PodState(
         name=str(metadata.get("name", "")),
         index=int(index_text) if index_text.isdigit() else 0,
@@ -117,7 +184,11 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         message=TerminationMessage.parse(raw),
         raw_message=raw,
         ip=status.get("podIP"),
-        deleting=bool(metadata.get("deletionTimestamp")),
+        deleting=bool(deletion),
+        node=(pod.get("spec") or {}).get("nodeName"),
+        deletion_deadline=parse_time(str(deletion)) if deletion else None,
+        disruption=_disruption(status, conditions),
+        waiting=_waiting(status, conditions) if exit_code is None else None,
     )
 
 
@@ -136,12 +207,14 @@ def attempt_state(
         ref.get("kind") == KIND and names.attempt_of(name, str(ref.get("name", ""))) is not None for ref in owners
     )
     failed_condition = conditions.get("Failed")
-    failed = bool(failed_condition and failed_condition.get("status") == "True")
+    failed = job_failed = bool(failed_condition and failed_condition.get("status") == "True")
     complete_condition = conditions.get("Complete")
     complete = bool(complete_condition and complete_condition.get("status") == "True")
     pods_sorted = tuple(sorted(pods, key=lambda p: (p.index, p.deleting, p.name)))
-    if not failed and any(pod.failed for pod in pods_sorted):
-        failed = True  # the podFailurePolicy fails the Job; do not wait for the controller to say so
+    if not failed and any(pod.failed or pod.disrupted for pod in pods_sorted):
+        # The podFailurePolicy fails the Job; do not wait for the controller to say so.  A disrupted pod
+        # (evicted, preempted, on a lost node) may never reach a terminal phase: the gang is broken anyway.
+        failed = True
     return AttemptState(
         attempt=attempt,
         name=str(metadata.get("name", "")),
@@ -158,6 +231,8 @@ def attempt_state(
         completion_time=status.get("completionTime"),
         deleting=bool(metadata.get("deletionTimestamp")),
         pods=pods_sorted,
+        start_time=parse_time(status.get("startTime")),
+        job_failed=job_failed,
     )
 
 
@@ -185,4 +260,16 @@ def observe(
             continue
         attempts[number] = attempt_state(job, owner_uid, pods_by_attempt.get(number, []), number)
     pods_left = {number: len(states) for number, states in pods_by_attempt.items() if states}
-    return Observed(status=dict(status or {}), attempts=attempts, pods_left=pods_left)
+    grouped = {number: tuple(states) for number, states in pods_by_attempt.items()}
+    return Observed(status=dict(status or {}), attempts=attempts, pods_left=pods_left, pods=grouped)
+
+
+def stuck_pods(observed: Observed, now: datetime) -> list[PodState]:
+    """Pods still there after their grace period ended (``deletionTimestamp`` passed) on a known node:
+    on a NotReady or unreachable node nothing will ever finish deleting them."""
+    return [
+        pod
+        for states in observed.pods.values()
+        for pod in states
+        if pod.deleting and pod.node and pod.deletion_deadline is not None and now >= pod.deletion_deadline
+    ]

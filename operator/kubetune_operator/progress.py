@@ -7,12 +7,13 @@ Pure: text in, dicts out.  The pods need no API credentials; the operator (or
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_operator.conditions import rfc3339
+from kubetune_operator.conditions import parse_time, rfc3339
 from kubetune_trainer.spec import catalog as m
 
 
@@ -73,3 +74,17 @@ def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], di
         if stamp is not None and stamp > 0:
             checkpoint["time"] = rfc3339(datetime.fromtimestamp(stamp, tz=UTC))
     return progress, checkpoint
+
+
+def with_step_time(
+    progress: dict[str, Any], old: Mapping[str, Any], running_since: datetime | None, now: datetime
+) -> dict[str, Any]:
+    """``progress`` with ``lastStepTime``: when the step was last seen to advance in the current attempt.
+
+    It moves to ``now`` when the step changed, and on the first read of an attempt (its ``Running``
+    condition turned True after the recorded time), so a stall is judged only by steps of this attempt."""
+    last = parse_time(old.get("lastStepTime"))
+    fresh = last is None or (running_since is not None and last < running_since)
+    moved = progress.get("step") != old.get("step")
+    stamp = rfc3339(now) if fresh or moved or last is None else rfc3339(last)
+    return {**progress, "lastStepTime": stamp}

@@ -5,255 +5,82 @@ status) and says what the status should be and which few actions bring the
 children closer to it.  Running it twice in a row gives the same answer, so a
 killed operator, a duplicated event or a timer can all call it safely.
 
-Failure policy (DESIGN §3): a failed attempt is classified from the trainer's
-exit code and termination message.  Permanent (exit 10-19 or a spec/data
-reason) fails the job at once; anything else restarts the gang as attempt N+1
-after ``backoffSeconds`` (old Job and its pods gone first) until
-``maxRestarts`` is used up.
+Failure policy (DESIGN §3, :mod:`kubetune_operator.failures`): a permanent failure fails
+the job at once; a preemption re-queues the gang and counts in ``status.preemptions``; any
+other failure restarts the gang as attempt N+1 after ``backoffSeconds`` (old Job and its pods
+gone first) until ``maxRestarts`` is used up.  A suspended attempt never fails: its pods
+stopping is what a suspension does.  Pods that cannot start are reported as ``PodsReady=False``
+(:mod:`kubetune_operator.readiness`); ``startupTimeoutSeconds`` and ``stallTimeoutSeconds``
+turn pods that never start and a rank 0 that stopped stepping into retryable failures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from kubetune_operator import conditions as c
 from kubetune_operator import names
 from kubetune_operator.conditions import Reason
-from kubetune_operator.observe import AttemptState, Observed, PodState
+from kubetune_operator.failures import Failure, classify_failure, failure_verdict, short
+from kubetune_operator.observe import AttemptState, Conflict, Observed, stuck_pods
+from kubetune_operator.plan import Event, Plan, WorkingStatus, finish
+from kubetune_operator.readiness import readiness, readiness_of
 from kubetune_operator.resolve import ResolvedJob
-from kubetune_trainer.spec import ConditionType, RunPolicy
-from kubetune_trainer.spec import runtime as rt
+from kubetune_trainer.spec import ConditionType
 from kubetune_trainer.spec.termination import TerminationMessage
 
-SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
+__all__ = ["Event", "Plan", "invalid_spec_plan", "next_status"]
+
 WAIT_FOR_CLEANUP_SECONDS = 1.0
-MESSAGE_LIMIT = 1024
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post once the status has landed."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass
-class Plan:
-    """The outcome of one reconcile: the new status and the actions that lead there."""
-
-    status: dict[str, Any]
-    create_attempt: int | None = None
-    delete_jobs: list[str] = field(default_factory=list)
-    suspend_job: str | None = None
-    unsuspend_job: str | None = None
-    delete_self: bool = False
-    events: list[Event] = field(default_factory=list)
-    requeue_after: float | None = None
-
-    def requeue(self, seconds: float) -> None:
-        """Ask to be called again within ``seconds`` (the earliest request wins)."""
-        seconds = max(0.0, seconds)
-        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an attempt failed, as the trainer (or Kubernetes) told it."""
-
-    reason: str
-    message: str
-    exit_code: int | None
-    permanent: bool
-
-
-class _Status:
-    """A mutable working copy of the status with the condition helper bound to ``now``."""
-
-    def __init__(self, old: Mapping[str, Any], now: datetime, generation: int | None) -> None:
-        self.data: dict[str, Any] = {k: v for k, v in old.items() if v is not None}
-        self.data["conditions"] = [dict(x) for x in old.get("conditions") or []]
-        self.now = now
-        self.generation = generation
-
-    @property
-    def conditions(self) -> c.Conditions:
-        return list(self.data["conditions"])
-
-    def set(self, kind: ConditionType, status: bool, reason: str, message: str) -> None:
-        self.data["conditions"] = c.set_condition(
-            self.data["conditions"], kind, status, reason, message, self.now, self.generation
-        )
-
-    def enter(self, kind: ConditionType, reason: str, message: str, *, why: str = "", cleared: str = "") -> None:
-        """Set ``kind`` True and clear the conditions the table says it ends (``kind.clears``) with
-        reason ``cleared`` (default: ``reason``) and message ``why``."""
-        self.set(kind, True, reason, message)
-        for other in kind.clears:
-            self.clear(ConditionType.of(other), cleared or reason, why)
-
-    def clear(self, kind: ConditionType, reason: str, message: str = "") -> None:
-        """Set ``kind`` False, but only if it is present (absent conditions stay absent)."""
-        if c.get_condition(self.data["conditions"], kind) is not None:
-            self.set(kind, False, reason, message)
-
-    def true(self, kind: ConditionType) -> bool:
-        return c.is_true(self.data["conditions"], kind)
-
-    def since(self, kind: ConditionType) -> datetime | None:
-        condition = c.get_condition(self.data["conditions"], kind)
-        return c.parse_time(condition.get("lastTransitionTime")) if condition else None
-
-    def reason(self, kind: ConditionType) -> str | None:
-        condition = c.get_condition(self.data["conditions"], kind)
-        return str(condition.get("reason")) if condition else None
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
-
-
-def _pod_failure(pod: PodState) -> Failure:
-    message = pod.message
-    code = pod.exit_code if pod.exit_code is not None else (message.exit_code if message else None)
-    reason = (message.reason if message else None) or pod.reason or "Error"
-    if not reason.isidentifier():
-        reason = "Error"
-    text = (message.message if message else None) or pod.raw_message or ""
-    detail = f"pod {pod.name} exited with code {code}" if code is not None else f"pod {pod.name} failed"
-    human = _short(f"{detail}: {text}" if text else detail)
-    permanent = (code is not None and rt.is_permanent_failure(code)) or reason in rt.PERMANENT_REASONS
-    return Failure(reason, human, code, permanent)
-
-
-def classify_failure(attempt: AttemptState) -> Failure:
-    """The root cause of a failed attempt: a permanent failure wins, then a pod that
-    failed by itself (not one the Job controller killed afterwards), lowest index first."""
-    if attempt.failed_reason == "DeadlineExceeded":
-        return Failure(
-            Reason.DEADLINE_EXCEEDED, _short(attempt.failed_message or "activeDeadlineSeconds reached"), None, True
-        )
-    failures = [_pod_failure(pod) for pod in attempt.pods if pod.failed]
-    if not failures:
-        reason = attempt.failed_reason or "JobFailed"
-        message = attempt.failed_message or f"Job {attempt.name} failed"
-        return Failure(reason if reason.isidentifier() else "JobFailed", _short(message), None, False)
-    for failure in failures:
-        if failure.permanent:
-            return failure
-    for failure in failures:
-        if failure.exit_code not in SIGNAL_EXIT_CODES:
-            return failure
-    return failures[0]
-
-
-def _events(old: c.Conditions, new: c.Conditions) -> list[Event]:
-    """One Event per condition that became True (or changed reason while True)."""
-    events: list[Event] = []
-    for condition in new:
-        if condition.get("status") != c.TRUE:
-            continue
-        kind = ConditionType.of(condition["type"])
-        before = c.get_condition(old, kind)
-        same = before is not None and before.get("status") == c.TRUE and before.get("reason") == condition["reason"]
-        # With the same reason, only a new attempt being created is news.
-        if same and (kind != ConditionType.CREATED or before is None or before.get("message") == condition["message"]):
-            continue
-        events.append(Event(c.event_type(kind), str(condition["reason"]), str(condition["message"])))
-    return events
-
-
-def _finish_plan(plan: Plan, st: _Status, old: Mapping[str, Any]) -> Plan:
-    st.data["phase"] = c.derive_phase(st.conditions).value
-    if st.generation is not None:
-        st.data["observedGeneration"] = st.generation
-    plan.status = st.data
-    plan.events = _events(list(old.get("conditions") or []), st.conditions)
-    return plan
+CONFLICT_RECHECK_SECONDS = 10.0
 
 
 def invalid_spec_plan(old: Mapping[str, Any], field: str, message: str, now: datetime, generation: int | None) -> Plan:
     """A job whose spec cannot be run: ``Failed=True, reason=InvalidSpec`` naming the field."""
-    st = _Status(old, now, generation)
+    st = WorkingStatus(old, now, generation)
     text = f"{field}: {message}" if field else message
-    st.enter(ConditionType.FAILED, Reason.INVALID_SPEC, _short(f"invalid spec: {text}"))
+    st.enter(ConditionType.FAILED, Reason.INVALID_SPEC, short(f"invalid spec: {text}"))
     st.data.setdefault("restarts", 0)
     if "completionTime" not in st.data:
         st.data["completionTime"] = c.rfc3339(now)
-    return _finish_plan(Plan(status={}), st, old)
+    return finish(Plan(status={}), st, old)
 
 
-def _fail(st: _Status, plan: Plan, reason: str, message: str, current: AttemptState | None) -> None:
+def _fail(st: WorkingStatus, plan: Plan, reason: str, message: str, current: AttemptState | None) -> None:
     st.enter(ConditionType.FAILED, reason, message, why="the job failed")
     st.data["completionTime"] = st.data.get("completionTime") or c.rfc3339(st.now)
     if current is not None and not current.finished and not current.deleting:
         plan.delete_jobs.append(current.name)
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What the failure policy makes of a failed attempt: restart it, or fail the job (and why)."""
-
-    restart: bool
-    reason: str  # of the Restarting or Failed condition
-    message: str
-
-
-def failure_verdict(policy: RunPolicy, attempt: int, restarts: int, failure: Failure) -> Verdict:
-    """The failure policy (DESIGN §3), shared by the operator and ``kubetune run``: a permanent
-    failure fails the job at once; a retryable one restarts the gang as attempt N+1 after
-    ``backoffSeconds`` until ``maxRestarts`` restarts are used."""
-    if failure.permanent:
-        return Verdict(
-            False, failure.reason, f"attempt {attempt} failed permanently ({failure.reason}): {failure.message}"
-        )
-    if restarts >= policy.max_restarts:
-        return Verdict(
-            False,
-            Reason.BACKOFF_LIMIT_EXCEEDED,
-            _short(
-                f"attempt {attempt} failed ({failure.reason}) and all {policy.max_restarts} restarts are used: "
-                f"{failure.message}"
-            ),
-        )
-    return Verdict(
-        True,
-        Reason.RESTART_SCHEDULED,
-        _short(
-            f"attempt {attempt} failed ({failure.reason}): {failure.message}; attempt {attempt + 1} starts "
-            f"{policy.backoff_seconds}s after its pods are gone (restart {restarts + 1}/{policy.max_restarts})"
-        ),
-    )
-
-
 def _retry_or_fail(
-    job: ResolvedJob, st: _Status, plan: Plan, current: AttemptState | None, attempt: int, failure: Failure
+    job: ResolvedJob, st: WorkingStatus, plan: Plan, current: AttemptState | None, attempt: int, failure: Failure
 ) -> None:
-    restarts = int(st.data.get("restarts") or 0)
-    verdict = failure_verdict(job.spec.run_policy, attempt, restarts, failure)
+    restarts, preemptions = st.count("restarts"), st.count("preemptions")
+    verdict = failure_verdict(job.spec.run_policy, attempt, restarts, failure, preemptions)
     if not verdict.restart:
         _fail(st, plan, verdict.reason, verdict.message, current)
         return
-    st.data["restarts"] = restarts + 1
+    if verdict.preempted:
+        st.data["preemptions"] = preemptions + 1
+    else:
+        st.data["restarts"] = restarts + 1
     st.data["attempt"] = attempt + 1
     st.enter(
         ConditionType.RESTARTING,
         verdict.reason,
         verdict.message,
         cleared=failure.reason,
-        why=f"attempt {attempt} failed",
+        why=f"attempt {attempt} ended",
     )
     if current is not None and not current.deleting:
         plan.delete_jobs.append(current.name)
     plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
 
 
-def _succeed(st: _Status, attempt: AttemptState, job: ResolvedJob) -> None:
+def _succeed(st: WorkingStatus, attempt: AttemptState, job: ResolvedJob) -> None:
     rank0 = attempt.pod(0)
     message = (rank0.message if rank0 else None) or TerminationMessage(reason=Reason.SUCCEEDED)
     if message.evaluation is not None:
@@ -277,7 +104,7 @@ def _succeed(st: _Status, attempt: AttemptState, job: ResolvedJob) -> None:
     st.data["completionTime"] = st.data.get("completionTime") or attempt.completion_time or c.rfc3339(st.now)
 
 
-def _finished(job: ResolvedJob, observed: Observed, st: _Status, plan: Plan) -> None:
+def _finished(job: ResolvedJob, observed: Observed, st: WorkingStatus, plan: Plan) -> None:
     # Nothing may keep running once the job is terminal (e.g. the deadline failed it).
     for attempt in observed.attempts.values():
         if attempt.owned and not attempt.finished and not attempt.deleting:
@@ -296,15 +123,15 @@ def _finished(job: ResolvedJob, observed: Observed, st: _Status, plan: Plan) -> 
 def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
     """The new status of ``job`` (resolved once by the caller) and the actions that bring its children there."""
     old = observed.status
-    st = _Status(old, now, job.generation)
+    st = WorkingStatus(old, now, job.generation)
     plan = Plan(status={})
-    spec = job.spec
-    policy = spec.run_policy
+    policy = job.spec.run_policy
     st.data.setdefault("restarts", 0)
+    st.data.setdefault("preemptions", 0)
 
     if c.is_finished(st.conditions):
         _finished(job, observed, st, plan)
-        return _finish_plan(plan, st, old)
+        return finish(plan, st, old)
 
     owned_numbers = [n for n, a in observed.attempts.items() if a.owned]
     number = max([int(old.get("attempt") or 1), *owned_numbers])
@@ -320,35 +147,35 @@ def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
     deadline = policy.active_deadline_seconds
     if deadline is not None and started is not None and now >= started + timedelta(seconds=deadline):
         _fail(st, plan, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
-        return _finish_plan(plan, st, old)
+        return finish(plan, st, old)
 
     if current is not None and not current.owned and (current.stale_owner or current.deleting):
         # A FineTuneJob of this name was deleted and recreated: wait for the old Job's GC.
         plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
-        return _finish_plan(plan, st, old)
+        return finish(plan, st, old)
     if current is not None and not current.owned:
-        _fail(
-            st,
-            plan,
-            Reason.NAME_TAKEN,
-            f"a Job named {current.name} exists and is not owned by this FineTuneJob; delete it or rename the job",
-            None,
-        )
-        return _finish_plan(plan, st, old)
+        _child_conflict(job, st, plan, (Conflict("Job", current.name, False, "not owned by this FineTuneJob"),))
+        return finish(plan, st, old)
 
+    _step(job, observed, st, plan, number, current)
+    if deadline is not None and started is not None and not c.is_finished(st.conditions):
+        plan.requeue((started + timedelta(seconds=deadline) - now).total_seconds())
+    return finish(plan, st, old)
+
+
+def _step(
+    job: ResolvedJob, observed: Observed, st: WorkingStatus, plan: Plan, number: int, current: AttemptState | None
+) -> None:
+    """The one branch of the state machine that applies to the current attempt."""
+    user_suspended = st.true(ConditionType.SUSPENDED) and st.reason(ConditionType.SUSPENDED) == Reason.USER_SUSPENDED
     if current is None or current.deleting:
         _without_job(job, observed, st, plan, number, current)
     elif current.complete:
         _succeed(st, current, job)
         _finished(job, observed, st, plan)
-    elif current.failed:
-        failure = classify_failure(current)
-        if failure.reason == Reason.DEADLINE_EXCEEDED:
-            _fail(st, plan, Reason.DEADLINE_EXCEEDED, failure.message, None)
-        else:
-            _retry_or_fail(job, st, plan, current, number, failure)
-    elif spec.run_policy.suspend:
-        if not current.suspended:
+    elif job.spec.run_policy.suspend:
+        # Pods stopping (and failing, with a real kubelet) is what a suspension does: never a failure.
+        if not current.suspended and not current.finished:
             plan.suspend_job = current.name
         st.enter(
             ConditionType.SUSPENDED,
@@ -356,17 +183,22 @@ def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
             f"spec.runPolicy.suspend is true: attempt {number} is suspended (its pods checkpoint and stop)",
             why="suspended",
         )
+    elif user_suspended:
+        _resume(st, plan, current, number)
     elif current.suspended:
-        _suspended_job(st, plan, current, number)
+        _suspended_job(job, st, plan, current, number)
+    elif current.failed:
+        failure = classify_failure(current)
+        if failure.reason == Reason.DEADLINE_EXCEEDED:
+            _fail(st, plan, Reason.DEADLINE_EXCEEDED, failure.message, None)
+        else:
+            _retry_or_fail(job, st, plan, current, number, failure)
     else:
-        _active(job, st, current, number)
-    if deadline is not None and started is not None and not c.is_finished(st.conditions):
-        plan.requeue((started + timedelta(seconds=deadline) - now).total_seconds())
-    return _finish_plan(plan, st, old)
+        _active(job, st, plan, current, number)
 
 
 def _without_job(
-    job: ResolvedJob, observed: Observed, st: _Status, plan: Plan, number: int, current: AttemptState | None
+    job: ResolvedJob, observed: Observed, st: WorkingStatus, plan: Plan, number: int, current: AttemptState | None
 ) -> None:
     """The current attempt has no (live) Job: create it, once the previous one is gone."""
     if st.true(ConditionType.RUNNING) and current is None:
@@ -384,9 +216,13 @@ def _without_job(
     leftovers = [a for n, a in observed.attempts.items() if n <= number and a.owned]
     pods_left = sum(count for n, count in observed.pods_left.items() if n <= number)
     if leftovers or pods_left:
+        _unstick(observed, st, plan, number)
         plan.requeue(WAIT_FOR_CLEANUP_SECONDS)  # Foreground-style: never two gangs at once
         return
-    if st.true(ConditionType.RESTARTING):
+    if observed.conflicts:
+        _conflicting(job, st, plan, observed.conflicts)
+        return
+    if st.true(ConditionType.RESTARTING) and st.reason(ConditionType.RESTARTING) != Reason.PREEMPTED:
         since = st.since(ConditionType.RESTARTING) or st.now
         due = since + timedelta(seconds=job.spec.run_policy.backoff_seconds)
         if st.now < due:
@@ -395,9 +231,57 @@ def _without_job(
     plan.create_attempt = number
     st.set(ConditionType.CREATED, True, Reason.CREATED, _created_message(job, number))
     st.clear(ConditionType.RESTARTING, Reason.CREATED, f"attempt {number} created")
+    st.clear(ConditionType.CHILD_CONFLICT, Reason.RESOLVED, "every child's name is free")
     if st.true(ConditionType.SUSPENDED):
         st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"resumed as attempt {number}")
     st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, 0))
+    ready = readiness_of(number, (), job.spec.resources.nodes)
+    st.set(ConditionType.PODS_READY, ready.ready, ready.reason, ready.message)
+
+
+def _unstick(observed: Observed, st: WorkingStatus, plan: Plan, number: int) -> None:
+    """Force-delete pods stuck Terminating past their grace period on a lost node (nothing else ever
+    will: the kubelet that would confirm their end is gone), so that attempt ``number`` can start."""
+    for pod in stuck_pods(observed, st.now):
+        if pod.node not in observed.unready_nodes or pod.deletion_deadline is None:
+            continue
+        late = int((st.now - pod.deletion_deadline).total_seconds())
+        plan.force_delete_pods.append(pod.name)
+        plan.notices.append(
+            Event(
+                "Warning",
+                Reason.POD_FORCE_DELETED,
+                f"pod {pod.name} was still Terminating {late}s after its grace period ended, on node {pod.node}, "
+                f"which is NotReady, unreachable or gone: force-deleted so that attempt {number} can start",
+            )
+        )
+    for states in observed.pods.values():
+        for pod in states:
+            if pod.deleting and pod.deletion_deadline is not None and pod.deletion_deadline > st.now:
+                plan.requeue((pod.deletion_deadline - st.now).total_seconds() + WAIT_FOR_CLEANUP_SECONDS)
+
+
+def _conflicting(job: ResolvedJob, st: WorkingStatus, plan: Plan, conflicts: tuple[Conflict, ...]) -> None:
+    foreign = tuple(conflict for conflict in conflicts if not conflict.stale)
+    if foreign:
+        _child_conflict(job, st, plan, foreign)
+    else:
+        plan.requeue(WAIT_FOR_CLEANUP_SECONDS)  # an earlier FineTuneJob's children: garbage collection is due
+
+
+def _child_conflict(job: ResolvedJob, st: WorkingStatus, plan: Plan, conflicts: tuple[Conflict, ...]) -> None:
+    """Foreign objects hold the names of this job's children: say so, adopt nothing, check again later."""
+    listed = "; ".join(conflict.describe(job.namespace) for conflict in conflicts)
+    st.set(
+        ConditionType.CHILD_CONFLICT,
+        True,
+        Reason.NAME_TAKEN,
+        short(
+            f"{listed} already exists and is not owned by this FineTuneJob: nothing was adopted or changed; "
+            "delete or rename it and the job starts"
+        ),
+    )
+    plan.requeue(CONFLICT_RECHECK_SECONDS)
 
 
 def _created_message(job: ResolvedJob, number: int) -> str:
@@ -409,23 +293,44 @@ def _pending_message(job: ResolvedJob, number: int, running: int) -> str:
     return f"attempt {number}: {running}/{job.spec.resources.nodes} pods running"
 
 
-def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) -> None:
-    """The Job is suspended but the spec is not: the user resumed, or Kueue holds it."""
-    if st.true(ConditionType.SUSPENDED) and st.reason(ConditionType.SUSPENDED) == Reason.USER_SUSPENDED:
-        if st.data.get("startTime") is None and not current.queued:
-            plan.unsuspend_job = current.name  # it never ran: start it as it is
-            st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} resumed")
-        elif st.data.get("startTime") is None:
-            st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} waits for Kueue to admit it")
-        else:
-            # Pods of a suspended Job are gone; resume as a new attempt from the checkpoint.
-            plan.delete_jobs.append(current.name)
-            st.data["attempt"] = number + 1
-            st.set(
-                ConditionType.SUSPENDED, False, Reason.RESUMED, f"resuming as attempt {number + 1} from the checkpoint"
-            )
-            plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
+def _resume(st: WorkingStatus, plan: Plan, current: AttemptState, number: int) -> None:
+    """The user lifted ``spec.runPolicy.suspend``: continue, or resume as a new attempt from the checkpoint."""
+    if not current.suspended and not current.finished:
+        st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} continues")
+    elif st.data.get("startTime") is None and not current.queued and not current.finished:
+        plan.unsuspend_job = current.name  # it never ran: start it as it is
+        st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} resumed")
+    elif st.data.get("startTime") is None and not current.finished:
+        st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"attempt {number} waits for Kueue to admit it")
+    else:
+        # Pods of a suspended Job are gone; resume as a new attempt from the checkpoint (not a restart).
+        plan.delete_jobs.append(current.name)
+        st.data["attempt"] = number + 1
+        st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"resuming as attempt {number + 1} from the checkpoint")
+        plan.requeue(WAIT_FOR_CLEANUP_SECONDS)
+
+
+def _suspended_job(job: ResolvedJob, st: WorkingStatus, plan: Plan, current: AttemptState, number: int) -> None:
+    """The Job is suspended but the spec is not: Kueue holds it (not admitted yet, or evicted it)."""
+    if current.job_failed:
+        # A Job that failed while evicted cannot be admitted again: re-queue a new attempt.
+        failure = Failure(Reason.EVICTED, f"Job {current.name} failed while it was suspended", None, False, True)
+        _retry_or_fail(job, st, plan, current, number, failure)
         return
+    if st.true(ConditionType.RUNNING):
+        # Evicted while it ran (Kueue preemption): a preemption, counted once, as Running turns False.
+        preemptions = st.count("preemptions") + 1
+        st.data["preemptions"] = preemptions
+        text = (
+            f"attempt {number} was evicted (Job {current.name} suspended, its pods checkpoint and stop); it resumes "
+            f"from the last checkpoint when admitted again (preemption {preemptions}; restarts are not used)"
+        )
+        st.set(ConditionType.RUNNING, False, Reason.EVICTED, text)
+        plan.notices.append(Event("Warning", Reason.EVICTED, text))
+        limit = job.spec.run_policy.max_preemptions
+        if limit is not None and preemptions > limit:
+            _fail(st, plan, Reason.PREEMPTION_LIMIT_EXCEEDED, f"{text}; all {limit} preemptions are used", current)
+            return
     if current.queued:
         st.set(
             ConditionType.CREATED,
@@ -433,15 +338,18 @@ def _suspended_job(st: _Status, plan: Plan, current: AttemptState, number: int) 
             Reason.QUEUED,
             f"attempt {number}: waiting for Kueue to admit Job {current.name}",
         )
-        st.set(ConditionType.RUNNING, False, Reason.QUEUED, "queued in Kueue")
-    else:
+        if not st.true(ConditionType.RUNNING) and st.reason(ConditionType.RUNNING) != Reason.EVICTED:
+            st.set(ConditionType.RUNNING, False, Reason.QUEUED, "queued in Kueue")
+    elif st.reason(ConditionType.RUNNING) != Reason.EVICTED:
         st.set(ConditionType.RUNNING, False, Reason.NOT_RUNNING, f"Job {current.name} is suspended")
 
 
-def _active(job: ResolvedJob, st: _Status, current: AttemptState, number: int) -> None:
+def _active(job: ResolvedJob, st: WorkingStatus, plan: Plan, current: AttemptState, number: int) -> None:
     nodes = job.spec.resources.nodes
     running = current.running_pods()
     st.set(ConditionType.CREATED, True, Reason.CREATED, _created_message(job, number))
+    ready = readiness(current, nodes)
+    st.set(ConditionType.PODS_READY, ready.ready, ready.reason, ready.message)
     if running >= nodes:
         st.enter(
             ConditionType.RUNNING,
@@ -451,5 +359,37 @@ def _active(job: ResolvedJob, st: _Status, current: AttemptState, number: int) -
         )
         if st.data.get("startTime") is None:
             st.data["startTime"] = c.rfc3339(st.now)
-    else:
-        st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, running))
+        _check_stall(job, st, plan, current, number)
+        return
+    st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, running))
+    timeout = job.spec.run_policy.startup_timeout_seconds
+    origin = current.start_time or st.since(ConditionType.CREATED)
+    if ready.ready or timeout is None or origin is None:
+        return
+    due = origin + timedelta(seconds=timeout)
+    if st.now < due:
+        plan.requeue((due - st.now).total_seconds())
+        return
+    text = f"pods did not all start within startupTimeoutSeconds={timeout}: {ready.message}"
+    _retry_or_fail(job, st, plan, current, number, Failure(Reason.STARTUP_TIMEOUT, short(text), None, False))
+
+
+def _check_stall(job: ResolvedJob, st: WorkingStatus, plan: Plan, current: AttemptState, number: int) -> None:
+    """No new optimizer step for ``stallTimeoutSeconds`` (rank 0's metrics, read into status.progress in
+    this attempt) is a hang: ``Stalled``, and the gang restarts as a retryable failure."""
+    timeout = job.spec.run_policy.stall_timeout_seconds
+    progress = st.data.get("progress") or {}
+    last = c.parse_time(progress.get("lastStepTime"))
+    since = st.since(ConditionType.RUNNING)
+    if timeout is None or last is None or since is None or last < since:
+        return  # no step read in this attempt yet: nothing to judge by
+    due = last + timedelta(seconds=timeout)
+    if st.now < due:
+        plan.requeue((due - st.now).total_seconds())
+        return
+    text = (
+        f"attempt {number}: rank 0 reported no new optimizer step for {timeout}s (stallTimeoutSeconds): "
+        f"still at step {progress.get('step')} since {progress.get('lastStepTime')}"
+    )
+    st.set(ConditionType.STALLED, True, Reason.NO_PROGRESS, text)
+    _retry_or_fail(job, st, plan, current, number, Failure(Reason.STALLED, text, None, False))

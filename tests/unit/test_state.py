@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from kubetune_operator.conditions import derive_phase, get_condition, set_condition
+from kubetune_operator.failures import classify_failure
 from kubetune_operator.observe import observe
-from kubetune_operator.reconcile import Plan, classify_failure, invalid_spec_plan, next_status
+from kubetune_operator.reconcile import Plan, invalid_spec_plan, next_status
 from kubetune_operator.resolve import ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import ConditionType, FineTuneJob, Phase
@@ -371,8 +372,17 @@ def test_job_deleted_while_running_is_a_retryable_failure() -> None:
 
 
 def test_foreign_job_with_our_name_is_not_adopted() -> None:
+    # A conflict blocks the job (ChildConflict, re-checked later) instead of failing it: once the user
+    # removes the foreign Job, the attempt starts.
     plan = run(make_job(), None, [job_obj(1, owner="someone-else")])
-    assert cond(plan, ConditionType.FAILED)["reason"] == "AttemptNameTaken"
+    conflict = cond(plan, ConditionType.CHILD_CONFLICT)
+    assert (conflict["status"], conflict["reason"]) == ("True", "NameTaken")
+    assert "reviews-lora-a1" in conflict["message"]
+    assert plan.status["phase"] == Phase.PENDING
+    assert plan.create_attempt is None
+    assert plan.delete_jobs == []
+    assert plan.requeue_after is not None
+    assert [e.type for e in plan.events] == ["Warning"]
 
 
 def test_job_of_a_deleted_namesake_is_waited_for() -> None:

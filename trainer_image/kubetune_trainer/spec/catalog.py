@@ -152,7 +152,17 @@ PARAMETERS = MetricSpec("kubetune_trainer_parameters", "gauge", "Parameters of t
 
 OPERATOR_JOBS = MetricSpec("kubetune_operator_jobs", "gauge", "FineTuneJobs by phase.", {"phase": JOB_PHASES})
 OPERATOR_RESTARTS_TOTAL = MetricSpec(
-    "kubetune_operator_restarts_total", "counter", "Gang restarts (new attempts) created."
+    "kubetune_operator_restarts_total", "counter", "Gang restarts (new attempts) after failures."
+)
+OPERATOR_PREEMPTIONS_TOTAL = MetricSpec(
+    "kubetune_operator_preemptions_total",
+    "counter",
+    "Attempts ended by a disruption (eviction, drain, lost node, Kueue preemption) and re-queued.",
+)
+PODS_FORCE_DELETED_TOTAL = MetricSpec(
+    "kubetune_operator_pods_force_deleted_total",
+    "counter",
+    "Pods force-deleted after their grace period, stuck Terminating on a NotReady or lost node.",
 )
 RECONCILE_SECONDS = MetricSpec(
     "kubetune_operator_reconcile_seconds",
@@ -209,6 +219,8 @@ TRAINER_METRICS: tuple[MetricSpec, ...] = (
 OPERATOR_METRICS: tuple[MetricSpec, ...] = (
     OPERATOR_JOBS,
     OPERATOR_RESTARTS_TOTAL,
+    OPERATOR_PREEMPTIONS_TOTAL,
+    PODS_FORCE_DELETED_TOTAL,
     RECONCILE_SECONDS,
     RECONCILE_ERRORS_TOTAL,
     TIME_TO_RUNNING_SECONDS,

@@ -225,12 +225,8 @@ def _source_count(var: str) -> str:
     return " + ".join(f"(has({var}.{name}) ? 1 : 0)" for name in vol.VOLUME_SOURCES)
 
 
-def pod_settings_rules() -> tuple[Rule, ...]:
-    """The rules of the pod settings (:mod:`~kubetune_trainer.spec.podsettings`), stated for both validators."""
+def _env_rules() -> tuple[Rule, ...]:
     reserved_env = cel_list(RESERVED_ENV_NAMES)
-    reserved_volumes = cel_list(RESERVED_VOLUME_NAMES)
-    paths = RESERVED_MOUNT_PATHS
-    path_clash = " || ".join(f"m.mountPath == '{p}' || m.mountPath.startsWith('{p}/')" for p in paths)
     return (
         Rule(
             cel="!has(self.env) || self.env.all(e, has(e.value) != has(e.valueFrom))",
@@ -261,6 +257,11 @@ def pod_settings_rules() -> tuple[Rule, ...]:
             field="env",
             check=lambda r: len({e.name for e in r.env}) == len(r.env),
         ),
+    )
+
+
+def _metadata_rules() -> tuple[Rule, ...]:
+    return (
         Rule(
             cel=(
                 "!has(self.podLabels) || self.podLabels.all(k, !("
@@ -284,6 +285,14 @@ def pod_settings_rules() -> tuple[Rule, ...]:
             field="podAnnotations",
             check=lambda r: all(not k.startswith(RESERVED_ANNOTATION_PREFIXES) for k in r.pod_annotations),
         ),
+    )
+
+
+def _volume_rules() -> tuple[Rule, ...]:
+    reserved_volumes = cel_list(RESERVED_VOLUME_NAMES)
+    paths = RESERVED_MOUNT_PATHS
+    path_clash = " || ".join(f"m.mountPath == '{p}' || m.mountPath.startsWith('{p}/')" for p in paths)
+    return (
         Rule(
             cel="!has(self.volumes) || self.volumes.all(v, !has(v.hostPath))",
             message="hostPath volumes are not allowed (Pod Security 'restricted'): use persistentVolumeClaim, csi, "
@@ -336,3 +345,9 @@ def pod_settings_rules() -> tuple[Rule, ...]:
             check=lambda r: len({m.mount_path for m in r.volume_mounts}) == len(r.volume_mounts),
         ),
     )
+
+
+def pod_settings_rules() -> tuple[Rule, ...]:
+    """The rules of the pod settings (this module and :mod:`~kubetune_trainer.spec.volumes`), stated once for
+    both validators: they apply to ``spec.resources``."""
+    return (*_env_rules(), *_metadata_rules(), *_volume_rules())
