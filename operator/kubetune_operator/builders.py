@@ -348,12 +348,14 @@ def build_attempt_job(job: ResolvedJob, attempt: int) -> dict[str, Any]:
         "backoffLimit": 0,
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
+            # A disruption first: the Job's failure message then names it whatever the evicted pod exited
+            # with (the pod itself is deleted and may be gone before the operator reads it).
             "rules": [
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {
                     "action": "FailJob",
                     "onExitCodes": {"containerName": names.CONTAINER_NAME, "operator": "NotIn", "values": [0]},
                 },
-                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
         "suspend": queued or spec.run_policy.suspend,

@@ -14,6 +14,7 @@ An attempt ends in one of three ways that matter for accounting (DESIGN §3):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kubetune_operator.conditions import Reason
@@ -24,6 +25,10 @@ from kubetune_trainer.spec.termination import PREEMPTED
 
 SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
 MESSAGE_LIMIT = 1024
+# How the Job controller words the podFailurePolicy rule that failed a Job: the evidence that is left
+# when the pod itself is gone (an evicted pod is deleted, and goes once it has terminated).
+_DISRUPTION_RULE = re.compile(r"\bhas condition DisruptionTarget\b")
+_EXIT_CODE_RULE = re.compile(r"\bfailed with exit code (\d+)\b")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,21 @@ def _pod_failure(pod: PodState) -> Failure:
     return Failure(reason, human, code, permanent, preempted=not permanent and (pod.disrupted or signalled))
 
 
+def _job_failure(attempt: AttemptState) -> Failure | None:
+    """What the Job's own failure condition says of its culprit pod (None when it names no rule)."""
+    text = attempt.failed_message or ""
+    if _DISRUPTION_RULE.search(text):
+        return Failure("DisruptionTarget", short(f"Job {attempt.name}: {text}"), None, False, preempted=True)
+    match = _EXIT_CODE_RULE.search(text)
+    if match is None:
+        return None
+    code = int(match.group(1))
+    permanent = rt.is_permanent_failure(code)
+    preempted = not permanent and code == rt.ExitCode.PREEMPTED
+    reason = rt.reason_of(rt.ExitCode(code)) if code in set(rt.ExitCode) else "Error"
+    return Failure(reason, short(f"Job {attempt.name}: {text}"), code, permanent, preempted)
+
+
 def classify_failure(attempt: AttemptState) -> Failure:
     """The root cause of a failed attempt, lowest index first within each rank of evidence:
     a permanent failure; a pod Kubernetes disrupted (DisruptionTarget, eviction); a pod that failed
@@ -71,14 +91,19 @@ def classify_failure(attempt: AttemptState) -> Failure:
         return Failure(
             Reason.DEADLINE_EXCEEDED, short(attempt.failed_message or "activeDeadlineSeconds reached"), None, True
         )
-    failures = [(pod, _pod_failure(pod)) for pod in attempt.pods if pod.failed or pod.disrupted]
+    failures: list[tuple[PodState | None, Failure]] = [
+        (pod, _pod_failure(pod)) for pod in attempt.pods if pod.failed or pod.disrupted
+    ]
+    told = _job_failure(attempt)
+    if told is not None:
+        failures.append((None, told))
     if not failures:
         reason = attempt.failed_reason or "JobFailed"
         message = attempt.failed_message or f"Job {attempt.name} failed"
         return Failure(reason if reason.isidentifier() else "JobFailed", short(message), None, False)
     ranked = (
         lambda pod, f: f.permanent,
-        lambda pod, f: pod.disrupted,
+        lambda pod, f: f.preempted and (pod is None or pod.disrupted),
         lambda pod, f: not f.preempted and f.exit_code not in SIGNAL_EXIT_CODES,
         lambda pod, f: f.preempted,
     )

@@ -129,6 +129,11 @@ class Conflict:
         return f"{self.kind} {namespace}/{self.name} ({self.owner})"
 
 
+def _true(conditions: Mapping[str, Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
+    condition = conditions.get(kind)
+    return condition if condition is not None and condition.get("status") == "True" else None
+
+
 def _conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)}
 
@@ -206,8 +211,9 @@ def attempt_state(
     stale_owner = not owned and any(
         ref.get("kind") == KIND and names.attempt_of(name, str(ref.get("name", ""))) is not None for ref in owners
     )
-    failed_condition = conditions.get("Failed")
-    failed = job_failed = bool(failed_condition and failed_condition.get("status") == "True")
+    # FailureTarget comes first (the Job is failing: its pods are being stopped), Failed once they stopped.
+    failed_condition = _true(conditions, "Failed") or _true(conditions, "FailureTarget")
+    failed = job_failed = failed_condition is not None
     complete_condition = conditions.get("Complete")
     complete = bool(complete_condition and complete_condition.get("status") == "True")
     pods_sorted = tuple(sorted(pods, key=lambda p: (p.index, p.deleting, p.name)))

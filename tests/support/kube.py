@@ -5,15 +5,18 @@ kmock 0.8 merges JSON naively.  :class:`Emulator` adds what these tests need:
 uid, resourceVersion, generation and creationTimestamp; generateName; JSON merge
 patch (null deletes) and JSON patch; a separate ``status`` subresource (the main
 endpoint ignores ``status`` and ``/status`` changes only ``status``, as for CRDs
-and built-in workloads); finalizers with deletionTimestamp; owner-reference
-garbage collection (dependents go shortly after their owner, like the
-background GC); and a log of every API call as
-``(apiGroup, resource[/subresource], verb, namespace)`` for RBAC audits.
+and built-in workloads); finalizers with deletionTimestamp; graceful pod deletion
+(a pod bound to a node gets ``deletionTimestamp = now + grace`` and goes only when
+its kubelet confirms, or at once with ``gracePeriodSeconds: 0``); owner-reference
+garbage collection (dependents go shortly after their owner, like the background
+GC; pods gracefully); label selectors on lists and watches; the authorization check
+of the OwnerReferencesPermissionEnforcement admission plugin (``blockOwnerDeletion``
+needs ``update`` on the owner's ``finalizers``); and a log of every API call as
+``(apiGroup, resource[/subresource], verb, namespace)`` plus its label selector,
+for RBAC and watch audits.
 
-:class:`JobController` plays kube-controller-manager's Job controller and the
-kubelet for the tests: it creates one pod per completion index for each
-unsuspended Job, removes pods of suspended Jobs, and lets a test make pods run,
-fail (exit code + termination message) or succeed.
+The nodes, the Job controller, the scheduler and the kubelets are
+:class:`tests.support.cluster.FakeCluster`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import secrets
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -40,7 +44,10 @@ from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectN
 from kubetune_operator.crd import custom_resource_definition
 
 TEST_AGENT = "kubetune-tests"
-STATUS_SUBRESOURCE = {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods")}
+STATUS_SUBRESOURCE = {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods"), ("", "nodes")}
+DEFAULT_GRACE_SECONDS = 30  # a pod's terminationGracePeriodSeconds when it names none
+# Owner kinds whose finalizers subresource OwnerReferencesPermissionEnforcement checks.
+OWNER_RESOURCES = {"FineTuneJob": ("kubetune.io", "finetunejobs"), "Job": ("batch", "jobs")}
 GENERATION = {("kubetune.io", "finetunejobs"), ("batch", "jobs")}
 
 Call = tuple[str, str, str, str]  # (apiGroup, resource[/subresource], verb, namespace or "")
@@ -69,6 +76,13 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs={"get", "list", "create", "delete"}),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"get", "list", "create", "patch"}),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}),
+    "v1/nodes": kmock.ResourceInfo(
+        kind="Node",
+        namespaced=False,
+        subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    ),
+    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get", "list", "create", "delete"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"}
     ),
@@ -81,8 +95,25 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
 }
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(after: float = 0.0) -> str:
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=after)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``a=b,c==d`` → ``{a: b, c: d}`` (equality terms: all the operator and kopf send)."""
+    selector: dict[str, str] = {}
+    for term in text.split(","):
+        if "=" in term:
+            key, _, value = term.partition("=")
+            selector[key.strip().rstrip("=").rstrip("!")] = value.strip().lstrip("=")
+    return selector
+
+
+def labels_match(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
+    """Whether ``obj``'s labels contain every pair of ``selector``."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -139,6 +170,7 @@ class RecordedCall:
     verb: str
     namespace: str
     agent: str
+    selector: str = ""  # the labelSelector of a list or watch
 
     @property
     def call(self) -> Call:
@@ -250,8 +282,12 @@ class Emulator(kmock.KubernetesEmulator):
         agent = ""
         if request._raw_request is not None:
             agent = request._raw_request.headers.get("User-Agent", "")
-        record = RecordedCall(resource.group or "", plural, self._verb(request), request.namespace or "", agent)
+        selector = str(request.params.get("labelSelector", ""))
+        verb = self._verb(request)
+        record = RecordedCall(resource.group or "", plural, verb, request.namespace or "", agent, selector)
         self.calls.append(record)
+        if verb == "create" and isinstance(request.data, dict):
+            self._check_owner_references(request.data, request.namespace or "", agent)
         for index, (predicate, status) in enumerate(self.fail_next):
             if predicate(record):
                 del self.fail_next[index]
@@ -278,19 +314,55 @@ class Emulator(kmock.KubernetesEmulator):
             return await self._render_error(error)
         return await apps.RawHandler._handle(self, request)
 
-    def _list(self, request: Any) -> dict[str, Any]:
-        selector: dict[str, str] = {}
-        for term in str(request.params.get("labelSelector", "")).split(","):
-            if "=" in term:
-                key, _, value = term.partition("=")
-                selector[key.strip().rstrip("=")] = value.strip().lstrip("=")
-        items = [
+    def _check_owner_references(self, body: Mapping[str, Any], namespace: str, agent: str) -> None:
+        """OwnerReferencesPermissionEnforcement: setting ``blockOwnerDeletion`` requires ``update`` on the
+        owner's ``finalizers`` subresource; the check is recorded as the call the authorizer sees."""
+        for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+            owner = OWNER_RESOURCES.get(str(ref.get("kind")))
+            if ref.get("blockOwnerDeletion") and owner is not None:
+                self.calls.append(RecordedCall(owner[0], f"{owner[1]}/finalizers", "update", namespace, agent))
+
+    def _matching(self, request: Any) -> list[dict[str, Any]]:
+        selector = parse_selector(str(request.params.get("labelSelector", "")))
+        return [
             obj
             for (namespace, _name), obj in self.store.get(self._gk(request.resource), {}).items()
-            if (request.namespace is None or namespace == request.namespace)
-            and all((obj.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in selector.items())
+            if (request.namespace is None or namespace == request.namespace) and labels_match(obj, selector)
         ]
+
+    def _list(self, request: Any) -> dict[str, Any]:
+        items = self._matching(request)
         return {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """A watch served from the plain index, honouring the namespace and the label selector (kmock's own
+        streams every object of the resource and matches them slowly)."""
+        yield b""
+        selector = parse_selector(str(request.params.get("labelSelector", "")))
+        bus = self._buses[request.resource]
+        async with self._lock:  # writers publish under the lock: nothing falls between snapshot and mark
+            marker = await bus.mark()
+            snapshot = [copy.deepcopy(obj) for obj in self._matching(request)]
+        for obj in snapshot:
+            yield {"type": "ADDED", "object": obj}
+        async for event in bus.stream(since=marker):
+            obj = event.get("object") or {}
+            namespace = (obj.get("metadata") or {}).get("namespace")
+            if (request.namespace is None or namespace == request.namespace) and labels_match(obj, selector):
+                yield event
+
+    def preload(self, group: str, plural: str, objects: Iterable[dict[str, Any]]) -> None:
+        """Put many objects into the store directly (no HTTP, no events), e.g. 10,000 unrelated pods.
+        Call it before anything watches that resource."""
+        resource = self._resources_seen.get((group, plural))
+        if resource is None:
+            raise KeyError(f"{group}/{plural} was not requested yet: create one object through the API first")
+        for obj in objects:
+            metadata = obj.setdefault("metadata", {})
+            metadata.setdefault("uid", str(uuid.uuid4()))
+            metadata.setdefault("creationTimestamp", _now())
+            self._bump(obj)
+            self._store(resource, metadata.get("namespace"), metadata["name"], obj)
 
     async def _create(self, request: Any) -> aiohttp.web.StreamResponse:
         resource = request.resource
@@ -359,7 +431,12 @@ class Emulator(kmock.KubernetesEmulator):
                 new["metadata"]["deletionTimestamp"] = current["metadata"]["deletionTimestamp"]
             self._bump(new)
             meta = new["metadata"]
-            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            # The last finalizer went: the object goes (a pod only once its grace period is over: 0).
+            if (
+                meta.get("deletionTimestamp")
+                and not meta.get("finalizers")
+                and int(meta.get("deletionGracePeriodSeconds") or 0) == 0
+            ):
                 await self._remove(resource, namespace, name, new, propagation="Background")
             else:
                 self._store(resource, namespace, name, new)
@@ -371,12 +448,15 @@ class Emulator(kmock.KubernetesEmulator):
         namespace, name = request.namespace, request.name
         options = request.data if isinstance(request.data, dict) else {}
         propagation = options.get("propagationPolicy") or request.params.get("propagationPolicy") or "Background"
+        grace = options.get("gracePeriodSeconds", request.params.get("gracePeriodSeconds"))
         async with self._lock:
             current = self._get(resource, namespace, name)
             if current is None:
                 raise KubernetesObjectNotFoundError()
             meta = current["metadata"]
-            if meta.get("finalizers"):
+            if self._gk(resource) == ("", "pods"):
+                current = await self._delete_pod(resource, current, None if grace is None else int(grace))
+            elif meta.get("finalizers"):
                 if not meta.get("deletionTimestamp"):
                     meta["deletionTimestamp"] = _now()
                     self._bump(current)
@@ -385,6 +465,28 @@ class Emulator(kmock.KubernetesEmulator):
             else:
                 await self._remove(resource, namespace, name, current, propagation=propagation)
         return aiohttp.web.json_response(current)
+
+    async def _delete_pod(self, resource: Any, pod: dict[str, Any], grace: int | None) -> dict[str, Any]:
+        """Graceful deletion (lock held): a pod on a node stays, with ``deletionTimestamp`` at the end of its
+        grace period, until its kubelet confirms it is gone (``gracePeriodSeconds: 0``); a pod not bound to a
+        node, or a forced deletion, goes at once."""
+        meta = pod["metadata"]
+        if grace is None:
+            grace = int((pod.get("spec") or {}).get("terminationGracePeriodSeconds") or DEFAULT_GRACE_SECONDS)
+        if not (pod.get("spec") or {}).get("nodeName"):
+            grace = 0
+        if grace <= 0 and not meta.get("finalizers"):
+            await self._remove(resource, meta.get("namespace"), meta["name"], pod, propagation="Background")
+            return pod
+        deadline = _now(grace)
+        if meta.get("deletionTimestamp") and meta["deletionTimestamp"] <= deadline and grace > 0:
+            return pod  # a deletion in progress is only ever shortened
+        meta["deletionTimestamp"] = min(deadline, meta.get("deletionTimestamp") or deadline)
+        meta["deletionGracePeriodSeconds"] = grace  # 0: gone once the finalizers are
+        self._bump(pod)
+        self._store(resource, meta.get("namespace"), meta["name"], pod)
+        await self._publish(resource, "MODIFIED", pod)
+        return pod
 
     async def _remove(
         self, resource: Any, namespace: str | None, name: str, obj: dict[str, Any], *, propagation: str
@@ -409,7 +511,9 @@ class Emulator(kmock.KubernetesEmulator):
                 if any(ref.get("uid") == owner_uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
             ]
             for resource, namespace, name, obj in dependents:
-                if obj["metadata"].get("finalizers"):
+                if self._gk(resource) == ("", "pods") and not obj["metadata"].get("finalizers"):
+                    await self._delete_pod(resource, obj, None)
+                elif obj["metadata"].get("finalizers"):
                     obj["metadata"].setdefault("deletionTimestamp", _now())
                     self._bump(obj)
                     self._store(resource, namespace, name, obj)
@@ -546,8 +650,11 @@ class Client:
     def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> Any:
         return self.request("GET", self.path(api_version, plural, namespace, name))
 
-    def list(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        result = self.request("GET", self.path(api_version, plural, namespace))
+    def list(
+        self, api_version: str, plural: str, namespace: str | None = None, selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = f"?labelSelector={urllib.parse.quote(selector)}" if selector else ""
+        result = self.request("GET", self.path(api_version, plural, namespace) + query)
         return list((result or {}).get("items") or [])
 
     def patch(self, api_version: str, plural: str, namespace: str | None, name: str, body: Any, sub: str = "") -> Any:
@@ -556,9 +663,17 @@ class Client:
         )
 
     def delete(
-        self, api_version: str, plural: str, namespace: str | None, name: str, propagation: str = "Background"
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        grace_period_seconds: int | None = None,
     ) -> Any:
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if grace_period_seconds is not None:
+            body["gracePeriodSeconds"] = grace_period_seconds
         return self.request("DELETE", self.path(api_version, plural, namespace, name), body)
 
     # FineTuneJob shortcuts
@@ -582,214 +697,3 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
-
-
-class JobController:
-    """Plays the Job controller and kubelet against the emulator (explicitly, step by step)."""
-
-    def __init__(self, client: Client, *, auto_run: bool = True) -> None:
-        self.client = client
-        self.auto_run = auto_run  # new pods go straight to Running
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.errors: list[str] = []
-
-    # -------------------------------------------------------------- reconciliation of Jobs to pods
-
-    def step(self) -> None:
-        """One pass: pods for unsuspended Jobs, none for suspended ones; orphans are GC'd by the emulator."""
-        self.step_with(self.client.pods(), self.client.jobs())
-
-    def step_with(self, all_pods: list[dict[str, Any]], all_jobs: list[dict[str, Any]]) -> None:
-        """:meth:`step` on objects the caller already listed."""
-        pods_by_job: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for pod in all_pods:
-            owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
-            pods_by_job.setdefault((pod["metadata"]["namespace"], owner.get("name", "")), []).append(pod)
-        for job in all_jobs:
-            try:
-                self._step_job(job, pods_by_job)
-            except (urllib.error.URLError, OSError, KeyError, TypeError) as error:
-                self.errors.append(f"{job['metadata'].get('name')}: {error!r}")
-
-    def _step_job(self, job: Mapping[str, Any], pods_by_job: Mapping[tuple[str, str], list[dict[str, Any]]]) -> None:
-        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        pods = pods_by_job.get((namespace, name), [])
-        conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
-        if conditions & {"Complete", "Failed"}:
-            return
-        if job["spec"].get("suspend"):
-            for pod in pods:
-                self.client.delete("v1", "pods", namespace, pod["metadata"]["name"])
-            if pods or "Suspended" not in conditions:
-                self._job_status(job, active=0, conditions=[self._condition("Suspended", "JobSuspended")])
-            return
-        if not pods:
-            self.create_pods(job)
-
-    def _condition(self, kind: str, reason: str, message: str = "") -> dict[str, Any]:
-        return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()}
-
-    def _job_status(self, job: Mapping[str, Any], **status: Any) -> None:
-        self.client.patch(
-            "batch/v1", "jobs", job["metadata"]["namespace"], job["metadata"]["name"], {"status": status}, "status"
-        )
-
-    def create_pods(self, job: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """One pod per completion index, owned by the Job, labelled like the template."""
-        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        template = job["spec"]["template"]
-        created = []
-        for index in range(int(job["spec"]["completions"])):
-            labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-completion-index": str(index)}
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"{name}-{index}-{secrets.token_hex(3)}",
-                    "namespace": namespace,
-                    "labels": labels,
-                    "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
-                    "ownerReferences": [
-                        {
-                            "apiVersion": "batch/v1",
-                            "kind": "Job",
-                            "name": name,
-                            "uid": job["metadata"]["uid"],
-                            "controller": True,
-                        }
-                    ],
-                },
-                # Only what the tests read: the full pod template would make every list heavy.
-                "spec": {"containers": [{"name": c["name"]} for c in template["spec"]["containers"]]},
-            }
-            result = self.client.create("v1", "pods", namespace, pod)
-            if result is not None:
-                created.append(result)
-                if self.auto_run:
-                    self.set_pod_running(result, index)
-        self._job_status(job, active=len(created), startTime=_now())
-        return created
-
-    def set_pod_running(self, pod: Mapping[str, Any], index: int) -> None:
-        self.client.patch(
-            "v1",
-            "pods",
-            pod["metadata"]["namespace"],
-            pod["metadata"]["name"],
-            {
-                "status": {
-                    "phase": "Running",
-                    "podIP": f"10.0.0.{index + 1}",
-                    "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {}}}],
-                }
-            },
-            "status",
-        )
-
-    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        pods = [
-            p
-            for p in self.client.pods(namespace)
-            if any(ref.get("name") == job_name for ref in p["metadata"].get("ownerReferences") or [])
-        ]
-        return sorted(pods, key=lambda p: int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]))
-
-    def _terminate(self, pod: Mapping[str, Any], exit_code: int, message: Mapping[str, Any] | str | None) -> None:
-        text = json.dumps(message) if isinstance(message, Mapping) else (message or "")
-        phase = "Succeeded" if exit_code == 0 else "Failed"
-        reason = "Completed" if exit_code == 0 else "Error"
-        self.client.patch(
-            "v1",
-            "pods",
-            pod["metadata"]["namespace"],
-            pod["metadata"]["name"],
-            {
-                "status": {
-                    "phase": phase,
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "ready": False,
-                            "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": text}},
-                        }
-                    ],
-                }
-            },
-            "status",
-        )
-
-    def fail(
-        self,
-        namespace: str,
-        job_name: str,
-        *,
-        index: int = 0,
-        exit_code: int = 20,
-        message: Mapping[str, Any] | str | None = None,
-        others_exit: int = 143,
-        pods: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Pod ``index`` fails; the podFailurePolicy fails the Job and the other pods are killed."""
-        job = self.client.get("batch/v1", "jobs", namespace, job_name)
-        pods = pods if pods is not None else self.job_pods(namespace, job_name)
-
-        def index_of(pod: Mapping[str, Any]) -> int:
-            return int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
-
-        # The failing pod first; the Job controller kills the rest of the gang afterwards.
-        for pod in sorted(pods, key=lambda p: index_of(p) != index):
-            if index_of(pod) == index:
-                self._terminate(pod, exit_code, message)
-            else:
-                self._terminate(pod, others_exit, None)
-        self._job_status(
-            job,
-            active=0,
-            failed=1,
-            conditions=[self._condition("Failed", "PodFailurePolicy", f"Container trainer for pod {index} failed")],
-        )
-
-    def succeed(
-        self,
-        namespace: str,
-        job_name: str,
-        rank0_message: Mapping[str, Any] | None = None,
-        pods: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Every pod exits 0; rank 0 leaves the trainer's success message; the Job completes."""
-        job = self.client.get("batch/v1", "jobs", namespace, job_name)
-        pods = pods if pods is not None else self.job_pods(namespace, job_name)
-        for pod in pods:
-            index = int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
-            self._terminate(
-                pod, 0, rank0_message if index == 0 else {"reason": "Succeeded", "message": "done", "exitCode": 0}
-            )
-        self._job_status(
-            job,
-            active=0,
-            succeeded=len(pods),
-            completionTime=_now(),
-            conditions=[self._condition("Complete", "CompletionsReached")],
-        )
-
-    # -------------------------------------------------------------- background mode
-
-    def start(self, interval: float = 0.1) -> JobController:
-        def loop() -> None:
-            while not self._stop.is_set():
-                # Objects vanish under us; the next pass sees the new state.
-                try:
-                    self.step()
-                except (urllib.error.URLError, OSError, KeyError, TypeError) as error:
-                    self.errors.append(repr(error))
-                self._stop.wait(interval)
-
-        self._thread = threading.Thread(target=loop, name="job-controller", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)

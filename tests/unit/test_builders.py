@@ -123,7 +123,9 @@ def test_attempt_job_gang_semantics() -> None:
     assert spec["podReplacementPolicy"] == "Failed"
     rules = spec["podFailurePolicy"]["rules"]
     assert all(rule["action"] == "FailJob" for rule in rules), "no rule may Ignore/Count a lost rank"
-    assert rules[0]["onExitCodes"] == {"containerName": "trainer", "operator": "NotIn", "values": [0]}
+    # A disruption is matched first, so the Job's failure message names it even when the evicted pod is gone.
+    assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "NotIn", "values": [0]}
     assert spec["suspend"] is False
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == names.service_name("reviews-lora")
