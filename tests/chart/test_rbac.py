@@ -17,13 +17,14 @@ SCENARIOS = helm.scenarios()
 NAMESPACED_GRANTS = {
     *(("kubetune.io", "finetunejobs", v) for v in ("get", "list", "watch", "patch", "delete")),
     ("kubetune.io", "finetunejobs/status", "patch"),
+    # blockOwnerDeletion on the children, where OwnerReferencesPermissionEnforcement is on
+    ("kubetune.io", "finetunejobs/finalizers", "update"),
     ("", "events", "create"),
-    ("", "configmaps", "create"),
-    ("", "services", "create"),
-    *(("batch", "jobs", v) for v in ("create", "list", "watch", "patch", "delete")),
-    ("", "pods", "list"),
-    ("", "pods", "watch"),
+    *(("", resource, v) for resource in ("configmaps", "services") for v in ("get", "create")),
+    *(("batch", "jobs", v) for v in ("get", "create", "list", "watch", "patch", "delete")),
+    *(("", "pods", v) for v in ("list", "watch", "delete")),  # delete: pods stuck on a lost node
 }
+NODE_READS = {("", "nodes", "get")}  # is the node of a stuck pod NotReady or gone?
 CRD_DISCOVERY = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -31,6 +32,7 @@ CRD_DISCOVERY = {
 CLUSTER_ONLY_GRANTS = {
     *(("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")),
     *CRD_DISCOVERY,
+    *NODE_READS,
 }
 
 
@@ -72,8 +74,8 @@ def test_namespaced_mode_keeps_namespaced_grants_inside_the_watched_namespaces()
     objects = helm.render(SCENARIOS["namespaced"])
     scoped = rbac.scoped_grants(objects)
     cluster_wide = {s.grant for s in scoped if s.namespace == "*"}
-    # Cluster-scoped reads only: CRD discovery and namespace names (kopf notices re-created namespaces).
-    assert cluster_wide == CRD_DISCOVERY | {("", "namespaces", "list"), ("", "namespaces", "watch")}
+    # Cluster-scoped reads only: CRD discovery, namespace names (kopf notices re-created namespaces) and nodes.
+    assert cluster_wide == CRD_DISCOVERY | NODE_READS | {("", "namespaces", "list"), ("", "namespaces", "watch")}
     for namespace in ("team-a", "team-b"):
         in_namespace = {s.grant for s in scoped if s.namespace == namespace}
         assert in_namespace == NAMESPACED_GRANTS | {("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")}

@@ -1,4 +1,5 @@
-"""Fixtures: the API emulator over HTTP, a Job controller, and the real operator (kopf) in a thread."""
+"""Fixtures: the API emulator over HTTP, the fake cluster (nodes, scheduler, Job controller, kubelets with
+scripted containers), and the real operator (kopf) in a thread."""
 
 from __future__ import annotations
 
@@ -15,12 +16,21 @@ import yaml
 from kubetune_operator.localpods import free_port
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from kubetune_operator.settings import OperatorSettings
-from tests.support.kube import Client, EmulatorServer, JobController
+from tests.support.cluster import FakeCluster
+from tests.support.kube import Client, EmulatorServer
+from tests.support.kubelet import secret
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
 NAMESPACE = "ml"
 FTJ = ("kubetune.io/v1alpha1", "finetunejobs")
+CREDENTIALS = "s3-credentials"  # the Secret the example names (pods cannot start without it)
+
+
+def create_credentials(client: Client, namespace: str = NAMESPACE) -> None:
+    """The S3 credentials Secret the example's pods reference (fake values)."""
+    values = {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": "not-a-secret"}
+    client.create("v1", "secrets", namespace, secret(namespace, CREDENTIALS, values))
 
 
 def fast_settings(**overrides: Any) -> OperatorSettings:
@@ -41,7 +51,12 @@ def job_manifest(name: str, namespace: str = NAMESPACE, **run_policy: Any) -> di
     """The LoRA example under another name, with fast run-policy values for tests."""
     doc = copy.deepcopy(EXAMPLE)
     doc["metadata"] = {"name": name, "namespace": namespace}
-    doc["spec"]["runPolicy"] = {"backoffSeconds": 0, "maxRestarts": 2, **run_policy}
+    doc["spec"]["runPolicy"] = {
+        "backoffSeconds": 0,
+        "maxRestarts": 2,
+        "terminationGracePeriodSeconds": 30,
+        **run_policy,
+    }
     return doc
 
 
@@ -65,14 +80,17 @@ def cluster() -> Iterator[EmulatorServer]:
 
 @pytest.fixture(scope="module")
 def client(cluster: EmulatorServer) -> Client:
-    return cluster.client()
+    client = cluster.client()
+    for namespace in (NAMESPACE, "other"):
+        create_credentials(client, namespace)
+    return client
 
 
 @pytest.fixture(scope="module")
-def controller(client: Client) -> Iterator[JobController]:
-    jc = JobController(client).start(interval=0.2)
-    yield jc
-    jc.stop()
+def controller(client: Client) -> Iterator[FakeCluster]:
+    fake = FakeCluster(client).start(interval=0.1)
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +99,7 @@ def routes() -> MetricsRoutes:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: EmulatorServer, controller: JobController, routes: MetricsRoutes) -> Iterator[OperatorHandle]:
+def operator(cluster: EmulatorServer, controller: FakeCluster, routes: MetricsRoutes) -> Iterator[OperatorHandle]:
     handle = start_in_thread(fast_settings(), connection=kopf.ConnectionInfo(server=cluster.url), metrics_url=routes)
     handle.wait_ready(60)
     yield handle
@@ -91,9 +109,9 @@ def operator(cluster: EmulatorServer, controller: JobController, routes: Metrics
 
 @pytest.fixture(autouse=True)
 def _controller_healthy(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Surface errors of the background Job controller in the test that caused them."""
+    """Surface errors of the background fake cluster in the test that caused them."""
     yield
     if "controller" in request.fixturenames:
-        jc: JobController = request.getfixturevalue("controller")
+        jc: FakeCluster = request.getfixturevalue("controller")
         errors, jc.errors[:] = list(jc.errors), []
         assert not [e for e in errors if "404" not in e], errors

@@ -19,7 +19,8 @@ from kubetune_operator.builders import desired_children
 from kubetune_operator.main import OperatorHandle
 from kubetune_operator.resolve import load_job
 from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
-from tests.support.kube import Client, EmulatorServer, JobController, wait_for
+from tests.support.cluster import FakeCluster
+from tests.support.kube import Client, EmulatorServer, wait_for
 
 TIMEOUT = 30.0
 
@@ -80,12 +81,21 @@ def test_create_makes_children_then_running(operator: OperatorHandle, client: Cl
     reasons = [reason for reason, _ in events(client, "t-create")]
     assert reasons[:2] == ["AttemptCreated", "PodsRunning"]
     # kopf keeps its state in annotations, never in status.
-    assert set(st) <= {"phase", "conditions", "attempt", "restarts", "startTime", "observedGeneration", "progress"}
+    assert set(st) <= {
+        "phase",
+        "conditions",
+        "attempt",
+        "restarts",
+        "preemptions",
+        "startTime",
+        "observedGeneration",
+        "progress",
+    }
     assert any(k.startswith("kubetune.io/") for k in client.ftj(NAMESPACE, "t-create")["metadata"]["annotations"])
 
 
 def test_success_records_completion_and_results(
-    operator: OperatorHandle, client: Client, controller: JobController
+    operator: OperatorHandle, client: Client, controller: FakeCluster
 ) -> None:
     create(client, job_manifest("t-success"))
     wait_phase(client, "t-success", "Running")
@@ -109,7 +119,7 @@ def test_success_records_completion_and_results(
 
 
 def test_retryable_failure_restarts_after_backoff(
-    operator: OperatorHandle, client: Client, controller: JobController, cluster: EmulatorServer
+    operator: OperatorHandle, client: Client, controller: FakeCluster, cluster: EmulatorServer
 ) -> None:
     create(client, job_manifest("t-retry", backoffSeconds=2))
     wait_phase(client, "t-retry", "Running")
@@ -136,7 +146,7 @@ def test_retryable_failure_restarts_after_backoff(
     assert condition(st, "Restarting")["status"] == "False"
 
 
-def test_permanent_failure_fails_at_once(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+def test_permanent_failure_fails_at_once(operator: OperatorHandle, client: Client, controller: FakeCluster) -> None:
     create(client, job_manifest("t-permanent"))
     wait_phase(client, "t-permanent", "Running")
     failure = {"reason": "InvalidData", "message": "train.jsonl line 7: label 'maybe' is not in labels", "exitCode": 11}
@@ -150,7 +160,7 @@ def test_permanent_failure_fails_at_once(operator: OperatorHandle, client: Clien
     assert job_names(client, "t-permanent") == ["t-permanent-a1"], "no second attempt"
 
 
-def test_max_restarts_exhausted(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+def test_max_restarts_exhausted(operator: OperatorHandle, client: Client, controller: FakeCluster) -> None:
     create(client, job_manifest("t-exhaust", maxRestarts=1))
     wait_phase(client, "t-exhaust", "Running")
     controller.fail(NAMESPACE, "t-exhaust-a1", exit_code=137, message="OOMKilled")
@@ -164,7 +174,9 @@ def test_max_restarts_exhausted(operator: OperatorHandle, client: Client, contro
         TIMEOUT,
         what="attempt 2 running",
     )
-    controller.fail(NAMESPACE, "t-exhaust-a2", exit_code=21, message={"reason": "Preempted", "message": "SIGTERM"})
+    # A pod failing by itself (not a preemption: those never count against maxRestarts).
+    failure = {"reason": "StorageUnavailable", "message": "s3 timeout", "exitCode": 20}
+    controller.fail(NAMESPACE, "t-exhaust-a2", exit_code=20, message=failure)
     st = wait_phase(client, "t-exhaust", "Failed", 10)
     assert condition(st, "Failed")["reason"] == "BackoffLimitExceeded"
     assert st["restarts"] == 1
@@ -219,7 +231,7 @@ def test_deletion_cascades_and_nothing_is_recreated(
     assert client.get("v1", "configmaps", NAMESPACE, "t-delete-config") is None
 
 
-def test_ttl_deletes_finished_job(operator: OperatorHandle, client: Client, controller: JobController) -> None:
+def test_ttl_deletes_finished_job(operator: OperatorHandle, client: Client, controller: FakeCluster) -> None:
     create(client, job_manifest("t-ttl", ttlSecondsAfterFinished=1))
     wait_phase(client, "t-ttl", "Running")
     controller.succeed(NAMESPACE, "t-ttl-a1", {"reason": "Succeeded", "exitCode": 0})

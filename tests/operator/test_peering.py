@@ -8,7 +8,8 @@ import kopf
 
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from tests.operator.conftest import FTJ, NAMESPACE, fast_settings, job_manifest
-from tests.support.kube import EmulatorServer, JobController, wait_for
+from tests.support.cluster import FakeCluster
+from tests.support.kube import EmulatorServer, wait_for
 
 TIMEOUT = 40.0
 
@@ -18,7 +19,7 @@ def reconciles(handle: OperatorHandle) -> float:
 
 
 def test_two_replicas_only_the_leader_acts_and_the_other_takes_over(
-    cluster: EmulatorServer, controller: JobController
+    cluster: EmulatorServer, controller: FakeCluster
 ) -> None:
     client = cluster.client()
     connection = kopf.ConnectionInfo(server=cluster.url)

@@ -16,48 +16,51 @@ from typing import Any
 
 import pytest
 
-from tests.operator.conftest import FTJ, NAMESPACE, free_port, job_manifest
-from tests.support.kube import EmulatorServer, JobController, wait_for
+from tests.operator.conftest import FTJ, NAMESPACE, create_credentials, free_port, job_manifest
+from tests.support.cluster import FakeCluster
+from tests.support.kube import EmulatorServer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = 50
 KILLS = 3
 
 
-class ScriptedCluster(JobController):
+class ScriptedCluster(FakeCluster):
     """Attempt 1 of every job fails with a retryable code once running; attempt 2 succeeds."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.overlaps: list[str] = []
+        self.told: set[str] = set()  # Jobs whose pods were scripted already
 
     def step(self) -> None:
+        super().step()
         all_pods, all_jobs = self.client.pods(NAMESPACE), self.client.jobs(NAMESPACE)
-        self.step_with(all_pods, all_jobs)
         pods_by_job: dict[str, list[dict[str, Any]]] = {}
         running_attempts: dict[str, set[str]] = {}
         for pod in all_pods:
             labels = pod["metadata"]["labels"]
             owner = (pod["metadata"].get("ownerReferences") or [{}])[0].get("name", "")
             pods_by_job.setdefault(owner, []).append(pod)
-            if (pod.get("status") or {}).get("phase") == "Running":
+            if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
                 running_attempts.setdefault(labels["kubetune.io/job-name"], set()).add(labels["kubetune.io/attempt"])
         self.overlaps.extend(f"{name}: {sorted(a)}" for name, a in running_attempts.items() if len(a) > 1)
         for job in all_jobs:
             conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or []}
-            if conditions & {"Complete", "Failed"} or job["spec"].get("suspend"):
+            name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+            if conditions & {"Complete", "Failed"} or job["spec"].get("suspend") or uid in self.told:
                 continue
-            name = job["metadata"]["name"]
             pods = pods_by_job.get(name, [])
             if len(pods) < job["spec"]["completions"]:
                 continue
             if any((p.get("status") or {}).get("phase") != "Running" for p in pods):
                 continue
+            self.told.add(uid)
             if job["metadata"]["labels"]["kubetune.io/attempt"] == "1":
                 message = {"reason": "StorageUnavailable", "message": "s3 timeout", "exitCode": 20}
-                self.fail(NAMESPACE, name, exit_code=20, message=message, pods=pods)
+                self.fail(NAMESPACE, name, exit_code=20, message=message)
             else:
-                self.succeed(NAMESPACE, name, {"reason": "Succeeded", "exitCode": 0}, pods=pods)
+                self.succeed(NAMESPACE, name, {"reason": "Succeeded", "exitCode": 0})
 
 
 def start_operator(cluster: EmulatorServer, kubeconfig: str, priority: int, log: Path) -> subprocess.Popen[bytes]:
@@ -96,6 +99,7 @@ def test_operator_killed_at_random_points_converges(seed: int, jobs: int, kills:
     rng = random.Random(seed)  # noqa: S311 (reproducible kill points, not security)
     with EmulatorServer([NAMESPACE]) as cluster:
         client = cluster.client()
+        create_credentials(client)
         kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
         scripted = ScriptedCluster(client).start(interval=0.15)
         log = tmp_path / "operator.log"

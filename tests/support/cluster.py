@@ -127,6 +127,8 @@ class FakeCluster:
             for pod in pods:
                 owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
                 by_job.setdefault(owner.get("uid", ""), []).append(pod)
+            orphans = [pod for uid, group in by_job.items() if uid not in self._jobs_by_uid for pod in group]
+            self._guarded("orphans", self.jobs.release, orphans)
             for job in jobs:
                 self._guarded(
                     job["metadata"].get("name", "?"), self.jobs.sync, job, by_job.get(job["metadata"]["uid"], [])

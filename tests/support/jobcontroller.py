@@ -81,13 +81,16 @@ class JobController:
     def sync(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
         """One pass over ``job`` and its pods, then the finished pods are released (counted)."""
         self._sync(job, pods)
+        self.release([pod for pod in pods if terminal(pod)])
+
+    def release(self, pods: list[dict[str, Any]]) -> None:
+        """Remove the tracking finalizer: of counted pods, and of orphans whose Job is gone."""
         for pod in pods:
             meta = pod["metadata"]
-            if terminal(pod) and TRACKING_FINALIZER in (meta.get("finalizers") or []):
+            if TRACKING_FINALIZER in (meta.get("finalizers") or []):
                 rest = [f for f in meta["finalizers"] if f != TRACKING_FINALIZER]
-                self.client.patch(
-                    "v1", "pods", meta["namespace"], meta["name"], {"metadata": {"finalizers": rest or None}}
-                )
+                body = {"metadata": {"finalizers": rest or None}}
+                self.client.patch("v1", "pods", meta["namespace"], meta["name"], body)
 
     def _sync(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
         done = _true(job)

@@ -16,7 +16,9 @@ import kopf
 
 from kubetune_operator.main import start_in_thread
 from kubetune_operator.settings import OperatorSettings
-from tests.support.kube import EmulatorServer, JobController, wait_for
+from tests.support.cluster import FakeCluster
+from tests.support.kube import EmulatorServer, wait_for
+from tests.support.kubelet import secret
 
 FTJ = ("kubetune.io/v1alpha1", "finetunejobs")
 
@@ -39,7 +41,7 @@ def _manifest(name: str, namespace: str, **run_policy: Any) -> dict[str, Any]:
             "training": {"maxSteps": 10},
             "resources": {"nodes": 2},
             "checkpoint": {"uri": f"s3://ckpt/{name}", "credentialsSecret": "s3-credentials"},
-            "runPolicy": {"backoffSeconds": 0, "maxRestarts": 2, **run_policy},
+            "runPolicy": {"backoffSeconds": 0, "maxRestarts": 2, "terminationGracePeriodSeconds": 30, **run_policy},
         },
     }
 
@@ -48,12 +50,14 @@ def record_operator_calls(
     namespace: str = "ml", watch_namespaces: list[str] | None = None, timeout: float = 90.0
 ) -> set[tuple[str, str, str]]:
     """Run a lifecycle (create, run, progress timer, success, retryable failure and restart,
-    suspend/resume, deletion, TTL, events, peering, status patches) and return the
-    ``(apiGroup, resource, verb)`` set of every call the operator made."""
+    suspend/resume, a pod stuck on a lost node, deletion, TTL, events, peering, status patches)
+    and return the ``(apiGroup, resource, verb)`` set of every call the operator made."""
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     with EmulatorServer([namespace]) as server:
         client = server.client()
-        controller = JobController(client).start(interval=0.1)
+        values = {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": "not-a-secret"}
+        client.create("v1", "secrets", namespace, secret(namespace, "s3-credentials", values))
+        controller = FakeCluster(client).start(interval=0.1)
         settings = OperatorSettings(
             default_checkpoint_uri="s3://ckpt",
             metrics_port=_free_port(),
@@ -82,6 +86,7 @@ def record_operator_calls(
             wait_for(lambda: phase("calls-b") == "Suspended", timeout)
             client.patch(*FTJ, namespace, "calls-b", {"spec": {"runPolicy": {"suspend": False}}})
             wait_for(lambda: client.get("batch/v1", "jobs", namespace, "calls-b-a3"), timeout)
+            _lost_node(client, controller, namespace, timeout)
             controller.succeed(namespace, "calls-a-a1", {"reason": "Succeeded", "exitCode": 0})
             wait_for(lambda: client.ftj(namespace, "calls-a") is None, timeout)  # TTL
             client.delete(*FTJ, namespace, "calls-b")
@@ -91,6 +96,19 @@ def record_operator_calls(
             operator.stop()
             controller.stop()
         return {(group, resource, verb) for group, resource, verb, _ns in server.emulator.operator_calls()}
+
+
+def _lost_node(client: Any, cluster: FakeCluster, namespace: str, timeout: float) -> None:
+    """A pod evicted from a node that then goes NotReady stays Terminating: the operator reads the node
+    and force-deletes the pod after its grace period, so that the next attempt starts."""
+    client.create(*FTJ, namespace, _manifest("calls-c", namespace))
+    wait_for(lambda: ((client.ftj(namespace, "calls-c") or {}).get("status") or {}).get("phase") == "Running", timeout)
+    pod = cluster.job_pods(namespace, "calls-c-a1")[1]
+    cluster.set_node_ready(pod["spec"]["nodeName"], False)
+    cluster.evict(pod, grace=1)
+    wait_for(lambda: client.get("batch/v1", "jobs", namespace, "calls-c-a2"), timeout)
+    cluster.set_node_ready(pod["spec"]["nodeName"], True)
+    client.delete(*FTJ, namespace, "calls-c")
 
 
 if __name__ == "__main__":

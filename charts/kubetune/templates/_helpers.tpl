@@ -86,16 +86,30 @@ credentials reach trainer pods through secretKeyRef, which needs no RBAC.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+# Children carry blockOwnerDeletion: where OwnerReferencesPermissionEnforcement is on (OpenShift and
+# others) creating them needs update on the owner's finalizers.
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# get: create-if-absent checks who owns an existing object of a child's name (nothing is adopted).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create"]
+  verbs: ["get", "create"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["create", "list", "watch", "patch", "delete"]
+  verbs: ["get", "create", "list", "watch", "patch", "delete"]
+# delete: force-deletion of the job's own pods stuck Terminating on a lost node, after their grace period.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "delete"]
+{{- end -}}
+
+{{/* Cluster-scoped reads every mode needs: whether the node of a stuck pod is NotReady or gone. */}}
+{{- define "kubetune.nodeRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get"]
 {{- end -}}
