@@ -83,6 +83,7 @@ class AttemptState:
     pods: tuple[PodState, ...] = ()
     start_time: datetime | None = None  # status.startTime: when the Job last started (reset by a suspend)
     job_failed: bool = False  # the Job itself says Failed (its pods stopping alone is not enough)
+    created: datetime | None = None  # metadata.creationTimestamp of the Job
 
     @property
     def finished(self) -> bool:
@@ -217,9 +218,11 @@ def attempt_state(
     complete_condition = conditions.get("Complete")
     complete = bool(complete_condition and complete_condition.get("status") == "True")
     pods_sorted = tuple(sorted(pods, key=lambda p: (p.index, p.deleting, p.name)))
-    if not failed and any(pod.failed or pod.disrupted for pod in pods_sorted):
+    if not failed and any((pod.failed and not pod.deleting) or pod.disrupted for pod in pods_sorted):
         # The podFailurePolicy fails the Job; do not wait for the controller to say so.  A disrupted pod
         # (evicted, preempted, on a lost node) may never reach a terminal phase: the gang is broken anyway.
+        # A pod that failed while being deleted for no disruption is left to the Job's own verdict: the
+        # Job controller ignores those it deleted itself (a suspension), and fails the Job for the others.
         failed = True
     return AttemptState(
         attempt=attempt,
@@ -239,6 +242,7 @@ def attempt_state(
         pods=pods_sorted,
         start_time=parse_time(status.get("startTime")),
         job_failed=job_failed,
+        created=parse_time(metadata.get("creationTimestamp")),
     )
 
 
@@ -271,11 +275,15 @@ def observe(
 
 
 def stuck_pods(observed: Observed, now: datetime) -> list[PodState]:
-    """Pods still there after their grace period ended (``deletionTimestamp`` passed) on a known node:
-    on a NotReady or unreachable node nothing will ever finish deleting them."""
+    """Pods still there after their grace period ended (``deletionTimestamp`` passed), or terminated and
+    still not gone, on a known node: on a NotReady or unreachable node nothing will ever finish deleting them."""
     return [
         pod
         for states in observed.pods.values()
         for pod in states
-        if pod.deleting and pod.node and pod.deletion_deadline is not None and now >= pod.deletion_deadline
+        if pod.deleting
+        and pod.node
+        and pod.deletion_deadline is not None
+        # A terminated pod holds nothing: there is no grace period to wait for.
+        and (now >= pod.deletion_deadline or pod.phase in ("Succeeded", "Failed"))
     ]

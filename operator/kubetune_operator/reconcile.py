@@ -246,13 +246,14 @@ def _unstick(observed: Observed, st: WorkingStatus, plan: Plan, number: int) -> 
         if pod.node not in observed.unready_nodes or pod.deletion_deadline is None:
             continue
         late = int((st.now - pod.deletion_deadline).total_seconds())
+        when = f"{late}s after its grace period ended" if late >= 0 else f"after its container ended ({pod.phase})"
         plan.force_delete_pods.append(pod.name)
         plan.notices.append(
             Event(
                 "Warning",
                 Reason.POD_FORCE_DELETED,
-                f"pod {pod.name} was still Terminating {late}s after its grace period ended, on node {pod.node}, "
-                f"which is NotReady, unreachable or gone: force-deleted so that attempt {number} can start",
+                f"pod {pod.name} was still Terminating {when}, on node {pod.node}, which is NotReady, "
+                f"unreachable or gone: force-deleted so that attempt {number} can start",
             )
         )
     for states in observed.pods.values():
@@ -363,7 +364,7 @@ def _active(job: ResolvedJob, st: WorkingStatus, plan: Plan, current: AttemptSta
         return
     st.set(ConditionType.RUNNING, False, Reason.PENDING, _pending_message(job, number, running))
     timeout = job.spec.run_policy.startup_timeout_seconds
-    origin = current.start_time or st.since(ConditionType.CREATED)
+    origin = current.start_time or current.created  # this attempt's start: never an earlier attempt's
     if ready.ready or timeout is None or origin is None:
         return
     due = origin + timedelta(seconds=timeout)

@@ -1,15 +1,15 @@
 """The full chain: FineTuneJob → operator (kopf) → Jobs → pods as local processes → S3 → status.
 
 The operator runs for real against the kmock Kubernetes emulator over HTTP; the
-process kubelet (``tests/e2e/kubelet.py``) starts every pod the operator's Jobs
-describe, exactly as specified; checkpoints, data, the backbone and the
-published model live in moto's S3 server on loopback.  Nothing of kubetune is
-stubbed: the trainer processes are the real ones, started by the real launcher.
+fake cluster (``tests/support/cluster.py``) schedules every pod of the operator's
+Jobs and its kubelet runs each as local processes, exactly as specified
+(:class:`~tests.support.runtimes.ProcessRuntime`); checkpoints, data, the backbone
+and the published model live in moto's S3 server on loopback.  Nothing of kubetune
+is stubbed: the trainer processes are the real ones, started by the real launcher.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import subprocess
@@ -25,8 +25,10 @@ import pytest
 from kubetune_operator.localpods import local_base_env
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from kubetune_operator.settings import OperatorSettings
-from tests.e2e.kubelet import ProcessKubelet
+from tests.support.cluster import FakeCluster, NodeSpec
 from tests.support.kube import Client, EmulatorServer
+from tests.support.kubelet import secret
+from tests.support.runtimes import ProcessRuntime
 from tests.support.s3 import FAKE_CREDENTIALS, S3Endpoint, free_port, threaded_moto
 from tests.support.tiny_models import sentiment_rows, tiny_bert, write_jsonl
 
@@ -81,33 +83,32 @@ def cluster() -> Iterator[EmulatorServer]:
 @pytest.fixture(scope="module")
 def client(cluster: EmulatorServer) -> Client:
     client = cluster.client()
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": SECRET, "namespace": NAMESPACE},
-        "type": "Opaque",
-        "data": {key: base64.b64encode(value.encode()).decode() for key, value in FAKE_CREDENTIALS.items()},
-    }
-    client.create("v1", "secrets", NAMESPACE, secret)
+    client.create("v1", "secrets", NAMESPACE, secret(NAMESPACE, SECRET, FAKE_CREDENTIALS))
     return client
 
 
 @pytest.fixture(scope="module")
-def kubelet(cluster: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessKubelet]:
+def runtime(client: Client, tmp_path_factory: pytest.TempPathFactory) -> ProcessRuntime:
     # Pods see only what their spec gives them: no credentials leak in from the test's environment.
     base_env = {k: v for k, v in local_base_env(2).items() if not k.startswith("AWS_")}
     repo = Path(__file__).resolve().parents[2]
     base_env["PYTHONPATH"] = f"{repo / 'operator'}:{repo / 'trainer_image'}"
     base_env["OMP_NUM_THREADS"] = "1"
-    node = ProcessKubelet(cluster.url, NAMESPACE, tmp_path_factory.mktemp("nodes"), base_env=base_env)
-    node.start()
-    yield node
-    node.stop()
+    return ProcessRuntime(client, tmp_path_factory.mktemp("nodes"), base_env)
+
+
+@pytest.fixture(scope="module")
+def kubelet(client: Client, runtime: ProcessRuntime) -> Iterator[FakeCluster]:
+    # Two nodes, one pod each: every process shares this machine, as the ranks of one gang.
+    fake = FakeCluster(client, nodes=(NodeSpec("node-1"), NodeSpec("node-2")), runtime=runtime)
+    fake.start(interval=0.3)
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="module")
 def operator(
-    cluster: EmulatorServer, client: Client, kubelet: ProcessKubelet, s3: S3Endpoint
+    cluster: EmulatorServer, client: Client, kubelet: FakeCluster, runtime: ProcessRuntime, s3: S3Endpoint
 ) -> Iterator[OperatorHandle]:
     settings = OperatorSettings(
         default_image="ghcr.io/kubetune/trainer:e2e",
@@ -122,18 +123,11 @@ def operator(
         resync_interval_seconds=5.0,
     )
     handle = start_in_thread(
-        settings, connection=kopf.ConnectionInfo(server=cluster.url), metrics_url=named_metrics_port
+        settings, connection=kopf.ConnectionInfo(server=cluster.url), metrics_url=runtime.metrics_url
     )
     handle.wait_ready()
     yield handle
     handle.stop()
-
-
-def named_metrics_port(pod: dict[str, Any]) -> str | None:
-    """Rank 0's metrics URL from the pod's IP and its container port named ``metrics``."""
-    ip = (pod.get("status") or {}).get("podIP")
-    ports = [p for c in pod["spec"]["containers"] for p in c.get("ports", []) if p.get("name") == "metrics"]
-    return f"http://{ip}:{ports[0]['containerPort']}/metrics" if ip and ports else None
 
 
 def finetune_job(
@@ -245,7 +239,7 @@ def test_job_trains_checkpoints_and_publishes(
 
 
 def test_killed_pod_restarts_the_gang_and_resumes(
-    operator: OperatorHandle, client: Client, kubelet: ProcessKubelet, s3: S3Endpoint, assets: dict[str, Path]
+    operator: OperatorHandle, client: Client, runtime: ProcessRuntime, s3: S3Endpoint, assets: dict[str, Path]
 ) -> None:
     client.create("kubetune.io/v1alpha1", "finetunejobs", NAMESPACE, finetune_job("faulty", max_steps=48))
     checkpoints = f"checkpoints/{NAMESPACE}/faulty/checkpoints/"
@@ -255,7 +249,7 @@ def test_killed_pod_restarts_the_gang_and_resumes(
         assert client.ftj(NAMESPACE, "faulty").get("status", {}).get("phase") != "Failed"
         time.sleep(0.5)
     committed = int(s3.read(f"{checkpoints}LATEST").decode().strip().rsplit("-", 1)[-1])
-    kubelet.pod("faulty-a1", 1).signal(signal.SIGKILL)  # node loss: the whole pod dies at once
+    runtime.pod("faulty-a1", 1).signal(signal.SIGKILL)  # the whole pod dies at once (an OOM kill)
 
     seen = follow(client, "faulty", {"Succeeded", "Failed"})
     final = seen[-1]
@@ -275,7 +269,7 @@ def test_killed_pod_restarts_the_gang_and_resumes(
     assert "Restarting" in conditions(final)
     assert attempt_jobs(client, "faulty") == ["faulty-a2"]  # attempt 1 was deleted before attempt 2
     # Attempt 2 resumed from a committed checkpoint at or after the one seen before the kill.
-    log = "\n".join(p.read_text(errors="replace") for p in (kubelet.root / "faulty-a2").glob("*.log"))
+    log = "\n".join(p.read_text(errors="replace") for p in (runtime.root / "faulty-a2").glob("*.log"))
     resumed = [line for line in log.splitlines() if "resum" in line.lower() and "step-" in line]
     assert resumed, f"attempt 2 does not say which checkpoint it resumed from:\n{log[-3000:]}"
     resumed_step = int(resumed[0].split("step-")[1][:8])

@@ -19,40 +19,9 @@ from kubetune_operator.builders import desired_children
 from kubetune_operator.main import OperatorHandle
 from kubetune_operator.resolve import load_job
 from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
+from tests.operator.helpers import TIMEOUT, condition, create, events, job_names, status, wait_phase
 from tests.support.cluster import FakeCluster
 from tests.support.kube import Client, EmulatorServer, wait_for
-
-TIMEOUT = 30.0
-
-
-def status(client: Client, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
-    obj = client.ftj(namespace, name)
-    return (obj or {}).get("status") or {}
-
-
-def wait_phase(client: Client, name: str, phase: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-    wait_for(lambda: status(client, name).get("phase") == phase, timeout, what=f"{name} phase {phase}")
-    return status(client, name)
-
-
-def condition(st: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next(c for c in st.get("conditions", []) if c["type"] == kind)
-
-
-def job_names(client: Client, prefix: str) -> list[str]:
-    return sorted(j["metadata"]["name"] for j in client.jobs(NAMESPACE) if j["metadata"]["name"].startswith(prefix))
-
-
-def events(client: Client, name: str) -> list[tuple[str, str]]:
-    return [
-        (e["reason"], e["message"])
-        for e in client.list("v1", "events", NAMESPACE)
-        if e["involvedObject"]["name"] == name
-    ]
-
-
-def create(client: Client, manifest: dict[str, Any]) -> dict[str, Any]:
-    return client.create(*FTJ, manifest["metadata"].get("namespace", NAMESPACE), manifest)
 
 
 def strip_server_fields(obj: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class FakeCluster:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one pass at a time (the loop, or a test calling step())
+        self._shutting_down: set[str] = set()  # nodes whose kubelet stops their pods, then goes away
         for node in nodes:
             self.add_node(node)
 
@@ -135,6 +136,10 @@ class FakeCluster:
                 )
             self._schedule(pods, nodes)
             self.kubelets.sync(pods, self._ready_nodes(nodes))
+            for node in sorted(self._shutting_down):
+                if not [p for p in pods if (p.get("spec") or {}).get("nodeName") == node and not terminal(p)]:
+                    self._shutting_down.discard(node)
+                    self._guarded(node, self.set_node_ready, node, False)
 
     def _guarded(self, what: str, action: Any, *args: Any) -> None:
         try:
@@ -303,6 +308,30 @@ class FakeCluster:
             "v1", "pods", meta["namespace"], meta["name"], {"status": {"conditions": conditions}}, "status"
         )
         self.client.delete("v1", "pods", meta["namespace"], meta["name"], grace_period_seconds=grace)
+
+    def reclaim_node(self, node: str) -> list[str]:
+        """A spot reclaim: graceful node shutdown.  The kubelet marks every pod of the node
+        ``DisruptionTarget`` (``TerminationByKubelet``) and stops it (SIGTERM); the pods end ``Failed``
+        and the node then goes away (NotReady).  The pods' names."""
+        stopped = []
+        with self._lock:
+            for pod in self.client.list("v1", "pods"):
+                meta = pod["metadata"]
+                if (pod.get("spec") or {}).get("nodeName") != node or terminal(pod):
+                    continue
+                disruption = condition(
+                    "DisruptionTarget",
+                    True,
+                    "TerminationByKubelet",
+                    "Pod was terminated in response to imminent node shutdown.",
+                )
+                conditions = with_condition(list((pod.get("status") or {}).get("conditions") or []), disruption)
+                body = {"status": {"conditions": conditions}}
+                self.client.patch("v1", "pods", meta["namespace"], meta["name"], body, "status")
+                self.runtime.signal(meta["uid"], 15)
+                stopped.append(meta["name"])
+            self._shutting_down.add(node)
+        return stopped
 
     def drain(self, node: str, *, grace: int | None = None) -> list[str]:
         """``kubectl drain``: cordon the node, then evict every pod on it; the evicted pods' names."""

@@ -1,0 +1,93 @@
+"""Stall detection: rank 0's metrics (a real Prometheus endpoint, read by the operator's progress timer)
+stop advancing for ``stallTimeoutSeconds`` → ``Stalled``, a Warning Event, and a gang restart counted
+as a retryable failure; a rank 0 that keeps stepping is never judged stalled."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.exposition import MetricsHandler
+
+from kubetune_operator.main import OperatorHandle
+from tests.operator.conftest import MetricsRoutes, job_manifest
+from tests.operator.helpers import condition, create, events, job_names, status
+from tests.support.cluster import FakeCluster
+from tests.support.kube import Client, wait_for
+
+TIMEOUT = 40.0
+STALL_SECONDS = 3
+
+
+@pytest.fixture
+def rank0() -> Iterator[tuple[str, Gauge]]:
+    """A trainer's metrics endpoint whose step the test moves (or not)."""
+    registry = CollectorRegistry()
+    step = Gauge("kubetune_trainer_step", "step", registry=registry)
+    Gauge("kubetune_trainer_total_steps", "total", registry=registry).set(1000)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(registry))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", step
+    server.shutdown()
+    server.server_close()
+
+
+def test_rank0_stops_stepping_then_stalled_and_restart(
+    operator: OperatorHandle,
+    client: Client,
+    controller: FakeCluster,
+    routes: MetricsRoutes,
+    rank0: tuple[str, Gauge],
+) -> None:
+    url, step = rank0
+    step.set(10)
+    routes.routes["t-hang"] = url
+    create(client, job_manifest("t-hang", stallTimeoutSeconds=STALL_SECONDS, maxRestarts=2))
+    wait_for(lambda: (status(client, "t-hang").get("progress") or {}).get("step") == 10, TIMEOUT, what="progress")
+    # An NCCL hang: every pod keeps running, the step stays at 11.
+    step.set(11)
+    wait_for(lambda: "t-hang-a2" in job_names(client, "t-hang"), TIMEOUT, what="attempt 2 after the stall")
+    st = status(client, "t-hang")
+    stalled = condition(st, "Stalled")
+    assert stalled["reason"] == "NoProgress"
+    assert f"no new optimizer step for {STALL_SECONDS}s" in stalled["message"]
+    assert "step 11" in stalled["message"]
+    assert st["restarts"] == 1
+    assert st["preemptions"] == 0
+    reasons = [reason for reason, _ in events(client, "t-hang")]
+    assert "NoProgress" in reasons
+    assert any(r == "RestartScheduled" and "(Stalled)" in m for r, m in events(client, "t-hang"))
+    # Attempt 2 steps again: the Stalled condition clears once it runs.
+    step.set(12)
+    wait_for(
+        lambda: condition(status(client, "t-hang"), "Stalled")["status"] == "False",
+        TIMEOUT,
+        what="Stalled cleared by attempt 2",
+    )
+
+
+def test_a_stepping_rank0_is_not_stalled(
+    operator: OperatorHandle,
+    client: Client,
+    controller: FakeCluster,
+    routes: MetricsRoutes,
+    rank0: tuple[str, Gauge],
+) -> None:
+    url, step = rank0
+    routes.routes["t-busy"] = url
+    create(client, job_manifest("t-busy", stallTimeoutSeconds=STALL_SECONDS))
+    deadline = time.monotonic() + STALL_SECONDS * 3
+    value = 0
+    while time.monotonic() < deadline:
+        value += 1
+        step.set(value)
+        time.sleep(0.5)
+    st = status(client, "t-busy")
+    assert st["phase"] == "Running"
+    assert job_names(client, "t-busy") == ["t-busy-a1"]
+    assert "Stalled" not in {c["type"] for c in st["conditions"]}
