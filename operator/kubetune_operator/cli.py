@@ -1,7 +1,13 @@
-"""The ``kubetune`` command line: validate, crd, render, run, operator."""
+"""The ``kubetune`` command line: validate, crd, render, run, operator.
+
+A user error — a bad file, a bad option, a bad ``KUBETUNE_*`` variable, a job that cannot run here —
+is one line on stderr and a non-zero exit, never a traceback (:func:`main`).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -9,12 +15,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kubetune_trainer.spec._base import STORAGE_URI_PATTERN
+
 app = typer.Typer(
     name="kubetune",
     help="Distributed fine-tuning of pretrained transformers on Kubernetes.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+# What `kubetune render` uses for jobs without spec.checkpoint.uri when neither --checkpoint-uri nor the
+# operator's KUBETUNE_DEFAULT_CHECKPOINT_URI says where checkpoints go (docs/cli.md).
+PLACEHOLDER_CHECKPOINT_URI = "s3://kubetune-checkpoints-placeholder"
+USER_ERROR_EXIT = 2
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
 
@@ -42,9 +56,24 @@ def crd() -> None:
     typer.echo(render_crd_yaml(), nl=False)
 
 
+def _checkpoint_prefix(value: str | None) -> str | None:
+    if value is not None and not re.match(STORAGE_URI_PATTERN, value):
+        raise typer.BadParameter(f"{value!r} is not an s3://, pvc:// or file:// URI")
+    return value
+
+
 @app.command()
 def render(
     file: Annotated[Path, typer.Argument(help="FineTuneJob manifests (several documents each are fine).")],
+    checkpoint_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="The operator's default checkpoint prefix for jobs without spec.checkpoint.uri "
+            "(<prefix>/<namespace>/<name>); default: $KUBETUNE_DEFAULT_CHECKPOINT_URI, else the placeholder "
+            f"{PLACEHOLDER_CHECKPOINT_URI}.",
+            callback=_checkpoint_prefix,
+        ),
+    ] = None,
 ) -> None:
     """Print the objects the operator would create for each FineTuneJob (for review and GitOps)."""
     from kubetune_operator.render import render_manifests
@@ -57,6 +86,16 @@ def render(
     if problems:
         raise typer.Exit(code=1)
     settings = load_settings()
+    prefix = checkpoint_uri or settings.default_checkpoint_uri
+    if prefix is None:
+        prefix = PLACEHOLDER_CHECKPOINT_URI
+        _err.print(
+            f"note: jobs without spec.checkpoint.uri are rendered with the placeholder {prefix}; "
+            "pass --checkpoint-uri (or set KUBETUNE_DEFAULT_CHECKPOINT_URI) for the real one",
+            markup=False,
+            soft_wrap=True,
+        )
+    settings = load_settings(default_checkpoint_uri=prefix)
     documents = [document for _source, document in load_documents(file)]
     typer.echo(render_manifests(documents, settings), nl=False)
 
@@ -86,18 +125,62 @@ def run(
     raise typer.Exit(code=run_job(job, options, _out))
 
 
+def credentials_problem(env: dict[str, str]) -> str | None:
+    """Why the operator could not log in to a cluster from here (None when it can try)."""
+    if env.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.is_file():
+        return None
+    configs = [Path(p) for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if configs:
+        missing = [str(p) for p in configs if not p.is_file()]
+        return f"KUBECONFIG names no readable file: {', '.join(missing)}" if len(missing) == len(configs) else None
+    if (Path.home() / ".kube" / "config").is_file():
+        return None
+    return "no Kubernetes credentials: not in a pod with a service account, no KUBECONFIG and no ~/.kube/config"
+
+
 @app.command("operator")
 def operator_command() -> None:
     """Run the operator (kopf) with settings from KUBETUNE_* environment variables."""
     from kubetune_operator.main import run_operator
     from kubetune_operator.settings import load_settings
 
-    run_operator(load_settings())
+    settings = load_settings()
+    problem = credentials_problem(dict(os.environ))
+    if problem is not None:
+        _err.print(f"kubetune operator: {problem}", markup=False, soft_wrap=True)
+        raise typer.Exit(code=USER_ERROR_EXIT)
+    run_operator(settings)
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The one line to print for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    from pydantic import ValidationError
+
+    from kubetune_operator.localpods import PodSpecError
+    from kubetune_operator.resolve import InvalidSpec
+    from kubetune_operator.settings import SettingsError
+
+    if isinstance(error, SettingsError | InvalidSpec | PodSpecError):
+        return str(error)
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    if isinstance(error, OSError):
+        return f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
+    return None
 
 
 def main() -> None:
-    """Entry point of the ``kubetune`` console script."""
-    app()
+    """Entry point of the ``kubetune`` console script: a user error is one line and exit 2, never a traceback."""
+    try:
+        app()
+    except Exception as error:
+        message = _user_error(error)
+        if message is None:
+            raise
+        _err.print(f"kubetune: error: {message}", markup=False, soft_wrap=True)
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ def validate_files(paths: Iterable[Path]) -> list[Problem]:
         except FileNotFoundError:
             problems.append(Problem(str(path), "", "file not found"))
             continue
+        except OSError as err:  # a directory, no permission, ...
+            problems.append(Problem(str(path), "", f"cannot read it: {err.strerror or err}"))
+            continue
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             problems.append(Problem(str(path), "", f"not valid YAML: {err}".replace("\n", " ")))
             continue

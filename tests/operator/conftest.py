@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,28 @@ def create_credentials(client: Client, namespace: str = NAMESPACE) -> None:
     """The S3 credentials Secret the example's pods reference (fake values)."""
     values = {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": "not-a-secret"}
     client.create("v1", "secrets", namespace, secret(namespace, CREDENTIALS, values))
+
+
+def start_operator(
+    cluster: EmulatorServer, kubeconfig: str, priority: int, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """The operator as its own process (``python -m kubetune_operator.main``), logging to ``log``."""
+    variables = {
+        **os.environ,
+        "KUBECONFIG": kubeconfig,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer_image")]),
+        "KUBETUNE_DEFAULT_CHECKPOINT_URI": "s3://ckpt",
+        "KUBETUNE_METRICS_PORT": str(free_port()),
+        "KUBETUNE_HEALTH_PORT": str(free_port()),
+        "KUBETUNE_PEERING_PRIORITY": str(priority),  # a killed replica stays listed for a while
+        "KUBETUNE_RESYNC_INTERVAL_SECONDS": "2",
+        "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "30",
+        **env,
+    }
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune_operator.main"], env=variables, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def fast_settings(**overrides: Any) -> OperatorSettings:

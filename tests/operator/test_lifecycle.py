@@ -289,7 +289,8 @@ def test_progress_from_a_real_metrics_endpoint(
 
 
 def test_operator_metrics_and_health(operator: OperatorHandle, client: Client) -> None:
-    wait_phase(client, "t-create", "Running")
+    create(client, job_manifest("t-metrics"))  # its own job: the test passes alone and in any order
+    wait_phase(client, "t-metrics", "Running")
     port = operator.context.settings.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()

@@ -4,11 +4,9 @@ Job ever created per attempt name and never two attempts of one job running at o
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.conftest import FTJ, NAMESPACE, create_credentials, free_port, job_manifest
+from tests.operator.conftest import FTJ, NAMESPACE, create_credentials, job_manifest, start_operator
 from tests.support.cluster import FakeCluster
 from tests.support.kube import EmulatorServer, wait_for
 
@@ -61,25 +59,6 @@ class ScriptedCluster(FakeCluster):
                 self.fail(NAMESPACE, name, exit_code=20, message=message)
             else:
                 self.succeed(NAMESPACE, name, {"reason": "Succeeded", "exitCode": 0})
-
-
-def start_operator(cluster: EmulatorServer, kubeconfig: str, priority: int, log: Path) -> subprocess.Popen[bytes]:
-    """The operator as its own process (``python -m kubetune_operator.main``), logging to ``log``."""
-    env = {
-        **os.environ,
-        "KUBECONFIG": kubeconfig,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer_image")]),
-        "KUBETUNE_DEFAULT_CHECKPOINT_URI": "s3://ckpt",
-        "KUBETUNE_METRICS_PORT": str(free_port()),
-        "KUBETUNE_HEALTH_PORT": str(free_port()),
-        "KUBETUNE_PEERING_PRIORITY": str(priority),  # the killed replica stays listed for a while
-        "KUBETUNE_RESYNC_INTERVAL_SECONDS": "2",
-        "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "30",
-    }
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kubetune_operator.main"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 def phases(client: Any) -> Counter[str]:

@@ -55,8 +55,10 @@ class FakeCluster:
         *,
         nodes: Iterable[NodeSpec] = (NodeSpec("node-1"), NodeSpec("node-2"), NodeSpec("node-3")),
         runtime: Runtime | None = None,
+        pod_selector: str = "",
     ) -> None:
         self.client = client
+        self.pod_selector = pod_selector  # e.g. only the operator's pods, in a cluster full of others
         self.runtime: Runtime = runtime or ScriptedRuntime()
         self.jobs = JobController(client)
         self._jobs_by_uid: dict[str, dict[str, Any]] = {}
@@ -122,7 +124,7 @@ class FakeCluster:
         with self._lock:
             nodes = self.client.list("v1", "nodes")
             jobs = self.client.list("batch/v1", "jobs")
-            pods = self.client.list("v1", "pods")
+            pods = self.client.list("v1", "pods", selector=self.pod_selector)
             self._jobs_by_uid = {job["metadata"]["uid"]: job for job in jobs}
             by_job: dict[str, list[dict[str, Any]]] = {}
             for pod in pods:
