@@ -33,6 +33,10 @@ def _true(job: Mapping[str, Any]) -> set[str]:
     return {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
 
 
+def _forced(pod: Mapping[str, Any]) -> bool:
+    return int(pod["metadata"].get("deletionGracePeriodSeconds") or 0) == 0
+
+
 def _disrupted(pod: Mapping[str, Any]) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
@@ -81,7 +85,9 @@ class JobController:
     def sync(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
         """One pass over ``job`` and its pods, then the finished pods are released (counted)."""
         self._sync(job, pods)
-        self.release([pod for pod in pods if terminal(pod)])
+        # Counted once terminal; a force-deleted pod (its kubelet gone) counts as failed and goes too.
+        forced = [pod for pod in pods if pod["metadata"].get("deletionTimestamp") and _forced(pod)]
+        self.release([pod for pod in pods if terminal(pod)] + forced)
 
     def release(self, pods: list[dict[str, Any]]) -> None:
         """Remove the tracking finalizer: of counted pods, and of orphans whose Job is gone."""

@@ -511,7 +511,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if any(ref.get("uid") == owner_uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
             ]
             for resource, namespace, name, obj in dependents:
-                if self._gk(resource) == ("", "pods") and not obj["metadata"].get("finalizers"):
+                if self._gk(resource) == ("", "pods"):
                     await self._delete_pod(resource, obj, None)
                 elif obj["metadata"].get("finalizers"):
                     obj["metadata"].setdefault("deletionTimestamp", _now())

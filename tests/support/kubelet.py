@@ -69,6 +69,7 @@ class Kubelets:
         self.started: set[str] = set()  # pod uids whose container was started
         self.terminating: set[str] = set()  # pod uids that were sent SIGTERM
         self.unpullable = UNPULLABLE
+        self.log: list[str] = []  # what the kubelets did, for test diagnostics
 
     def sync(self, pods: list[dict[str, Any]], ready_nodes: set[str]) -> None:
         """One pass over every pod bound to a Ready node."""
@@ -93,12 +94,15 @@ class Kubelets:
         self.client.patch("v1", "pods", meta["namespace"], meta["name"], {"status": status}, "status")
 
     def _deleting(self, pod: dict[str, Any], uid: str) -> None:
+        name = pod["metadata"]["name"]
         if uid in self.started and uid not in self.terminating and not terminal(pod):
             self.runtime.signal(uid, 15)
             self.terminating.add(uid)
+            self.log.append(f"{stamp()} {name}: SIGTERM (deleted, grace until {pod['metadata']['deletionTimestamp']})")
         ended = self.runtime.poll(uid) if uid in self.started else None
         if uid in self.started and ended is None and now() >= parse(pod["metadata"]["deletionTimestamp"]):
             self.runtime.signal(uid, 9)  # the grace period is over
+            self.log.append(f"{stamp()} {name}: SIGKILL (grace period over)")
             ended = self.runtime.poll(uid)
         if uid in self.started and ended is None:
             return
@@ -106,6 +110,7 @@ class Kubelets:
             self._report(pod, ended or Exit(137, ""))
         meta = pod["metadata"]
         self.client.delete("v1", "pods", meta["namespace"], meta["name"], grace_period_seconds=0)
+        self.log.append(f"{stamp()} {name}: deletion confirmed")
         self.runtime.forget(uid)
         self.started.discard(uid)
         self.terminating.discard(uid)
@@ -121,6 +126,7 @@ class Kubelets:
             return
         ip = self.runtime.start(pod, self.job_of(pod))
         self.started.add(uid)
+        self.log.append(f"{stamp()} {pod['metadata']['name']}: started on {pod['spec'].get('nodeName')}")
         conditions = list(status.get("conditions") or [])
         for kind in ("Initialized", "Ready", "ContainersReady"):
             conditions = with_condition(conditions, condition(kind, True))
@@ -170,6 +176,7 @@ class Kubelets:
     def _report(self, pod: Mapping[str, Any], ended: Exit) -> None:
         """The container ended: the pod is terminal, ``Succeeded`` on exit 0 and ``Failed`` otherwise (also
         when it was deleted: the kubelet gives a pod a terminal phase before its deletion completes)."""
+        self.log.append(f"{stamp()} {pod['metadata']['name']}: exited {ended.code}")
         container = pod["spec"]["containers"][0]
         terminated = {
             "exitCode": ended.code,

@@ -2,121 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import json
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune_operator.conditions import derive_phase, get_condition, set_condition
 from kubetune_operator.failures import classify_failure
 from kubetune_operator.observe import observe
-from kubetune_operator.reconcile import Plan, invalid_spec_plan, next_status
-from kubetune_operator.resolve import ResolvedJob, resolve_job
-from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.spec import ConditionType, FineTuneJob, Phase
-
-ROOT = Path(__file__).resolve().parents[2]
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-UID = "uid-1"
-NAME = "reviews-lora"
-
-
-EXAMPLE = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
-
-
-SETTINGS = OperatorSettings(default_checkpoint_uri="s3://ckpt")
-
-
-def make_job(**run_policy: Any) -> ResolvedJob:
-    doc = copy.deepcopy(EXAMPLE)
-    doc["metadata"].update({"uid": UID, "generation": 3})
-    doc["spec"]["runPolicy"] = {"maxRestarts": 2, "backoffSeconds": 30, **run_policy}
-    return resolve_job(FineTuneJob.model_validate(doc), SETTINGS)
-
-
-def job_obj(
-    attempt: int,
-    *,
-    suspend: bool = False,
-    conditions: list[str] = (),
-    owner: str = UID,
-    queue: bool = False,
-    deleting: bool = False,
-    reason: str = "PodFailurePolicy",
-) -> dict[str, Any]:
-    labels = {"kubetune.io/job-name": NAME, "kubetune.io/attempt": str(attempt)}
-    if queue:
-        labels["kueue.x-k8s.io/queue-name"] = "q"
-    meta: dict[str, Any] = {"name": f"{NAME}-a{attempt}", "labels": labels, "ownerReferences": [{"uid": owner}]}
-    if deleting:
-        meta["deletionTimestamp"] = "2026-01-02T03:00:00Z"
-    return {
-        "metadata": meta,
-        "spec": {"suspend": suspend},
-        "status": {
-            "conditions": [
-                {"type": t, "status": "True", "reason": reason if t == "Failed" else "X"} for t in conditions
-            ],
-            "completionTime": "2026-01-02T03:04:00Z" if "Complete" in conditions else None,
-        },
-    }
-
-
-def pod_obj(
-    attempt: int,
-    index: int,
-    phase: str = "Running",
-    exit_code: int | None = None,
-    message: dict[str, Any] | str | None = None,
-) -> dict[str, Any]:
-    status: dict[str, Any] = {"phase": phase, "podIP": f"10.0.0.{index}"}
-    if exit_code is not None:
-        text = json.dumps(message) if isinstance(message, dict) else (message or "")
-        status["containerStatuses"] = [
-            {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": text}}}
-        ]
-    return {
-        "metadata": {
-            "name": f"{NAME}-a{attempt}-{index}-x",
-            "labels": {
-                "kubetune.io/job-name": NAME,
-                "kubetune.io/attempt": str(attempt),
-                "batch.kubernetes.io/job-completion-index": str(index),
-            },
-        },
-        "status": status,
-    }
-
-
-def run(
-    job: ResolvedJob,
-    status: dict[str, Any] | None,
-    jobs: list[dict[str, Any]] = (),
-    pods: list[dict[str, Any]] = (),
-    now: datetime = NOW,
-) -> Plan:
-    return next_status(job, observe(NAME, UID, status, jobs, pods), now)
-
-
-def cond(plan: Plan, kind: ConditionType) -> dict[str, Any]:
-    found = get_condition(plan.status["conditions"], kind)
-    assert found is not None, f"{kind} missing in {plan.status['conditions']}"
-    return found
-
-
-def running_status(attempt: int = 1, restarts: int = 0) -> dict[str, Any]:
-    plan = run(
-        make_job(),
-        {"attempt": attempt, "restarts": restarts},
-        [job_obj(attempt)],
-        [pod_obj(attempt, 0), pod_obj(attempt, 1)],
-        NOW - timedelta(minutes=10),
-    )
-    return plan.status
+from kubetune_operator.reconcile import Plan, invalid_spec_plan
+from kubetune_trainer.spec import ConditionType, Phase
+from tests.unit.statekit import NAME, NOW, UID, cond, job_obj, make_job, pod_obj, run, running_status
 
 
 def test_new_job_creates_attempt_one() -> None:
