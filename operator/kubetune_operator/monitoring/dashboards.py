@@ -81,9 +81,15 @@ def overview() -> Dashboard:
                         width=12,
                     ),
                     Panel(
-                        "Gang restarts",
-                        "New attempts the operator created after retryable failures.",
-                        (Query(f"sum(increase({m.OPERATOR_RESTARTS_TOTAL.name}[{RATE}]))", "restarts"),),
+                        "Gang restarts and preemptions",
+                        "New attempts after retryable failures (they use runPolicy.maxRestarts), after disruptions "
+                        "(evictions, drains, lost nodes, Kueue preemption: they do not), and pods stuck Terminating "
+                        "on lost nodes that the operator force-deleted.",
+                        (
+                            Query(f"sum(increase({m.OPERATOR_RESTARTS_TOTAL.name}[{RATE}]))", "restarts"),
+                            Query(f"sum(increase({m.OPERATOR_PREEMPTIONS_TOTAL.name}[{RATE}]))", "preemptions"),
+                            Query(f"sum(increase({m.PODS_FORCE_DELETED_TOTAL.name}[{RATE}]))", "pods force-deleted"),
+                        ),
                         width=12,
                     ),
                     Panel(
