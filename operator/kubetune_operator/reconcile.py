@@ -320,18 +320,18 @@ def _suspended_job(job: ResolvedJob, st: WorkingStatus, plan: Plan, current: Att
         return
     if st.true(ConditionType.RUNNING):
         # Evicted while it ran (Kueue preemption): a preemption, counted once, as Running turns False.
-        preemptions = st.count("preemptions") + 1
-        st.data["preemptions"] = preemptions
-        text = (
-            f"attempt {number} was evicted (Job {current.name} suspended, its pods checkpoint and stop); it resumes "
-            f"from the last checkpoint when admitted again (preemption {preemptions}; restarts are not used)"
+        preemptions, limit = st.count("preemptions"), job.spec.run_policy.max_preemptions
+        text = f"attempt {number} was evicted (Job {current.name} suspended, its pods checkpoint and stop)"
+        if limit is not None and preemptions >= limit:
+            _fail(st, plan, Reason.PREEMPTION_LIMIT_EXCEEDED, f"{text}; all {limit} preemptions are used", current)
+            return
+        st.data["preemptions"] = preemptions + 1
+        text += (
+            f"; it resumes from the last checkpoint when admitted again (preemption {preemptions + 1}; "
+            "restarts are not used)"
         )
         st.set(ConditionType.RUNNING, False, Reason.EVICTED, text)
         plan.notices.append(Event("Warning", Reason.EVICTED, text))
-        limit = job.spec.run_policy.max_preemptions
-        if limit is not None and preemptions > limit:
-            _fail(st, plan, Reason.PREEMPTION_LIMIT_EXCEEDED, f"{text}; all {limit} preemptions are used", current)
-            return
     if current.queued:
         st.set(
             ConditionType.CREATED,
