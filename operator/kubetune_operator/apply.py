@@ -18,12 +18,12 @@ from typing import Any
 from kubetune_operator import conditions as c
 from kubetune_operator import kube, names
 from kubetune_operator.builders import desired_children
-from kubetune_operator.observe import Conflict, Observed, observe, pod_state, stuck_pods
+from kubetune_operator.observe import Conflict, Observed, node_ready, observe, ownership, pod_state, stuck_pods
 from kubetune_operator.progress import parse_progress, with_step_time
 from kubetune_operator.reconcile import Event, Plan, invalid_spec_plan, next_status
 from kubetune_operator.resolve import InvalidSpec, ResolvedJob, load_job
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.spec import KIND, ConditionType, Phase
+from kubetune_trainer.spec import ConditionType, Phase
 from kubetune_trainer.spec import runtime as rt
 
 logger = logging.getLogger("kubetune.operator")
@@ -98,16 +98,6 @@ async def post_event(api: kube.KubeApi, body: Mapping[str, Any], event: Event, n
         logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, metadata.get("name"), error)
 
 
-def _owner(obj: Mapping[str, Any], job: ResolvedJob) -> tuple[bool, bool, str]:
-    """``(ours, stale, who)``: owned by this FineTuneJob; owned by an earlier one of the same name."""
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    if job.uid is not None and any(ref.get("uid") == job.uid for ref in refs):
-        return True, False, "owned by this FineTuneJob"
-    stale = any(ref.get("kind") == KIND and ref.get("name") == job.name for ref in refs)
-    who = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
-    return False, stale, f"owned by {who}" if who else "no owner"
-
-
 async def find_conflicts(api: kube.KubeApi, job: ResolvedJob, children: list[dict[str, Any]]) -> tuple[Conflict, ...]:
     """Existing objects that hold a child's name but are not this FineTuneJob's (create-if-absent
     must never adopt a user's object: a foreign Service of the job's name would break rendezvous)."""
@@ -116,7 +106,7 @@ async def find_conflicts(api: kube.KubeApi, job: ResolvedJob, children: list[dic
         existing = await api.get(kube.resource_of(child), child["metadata"].get("namespace"), child["metadata"]["name"])
         if existing is None:
             continue
-        ours, stale, who = _owner(existing, job)
+        ours, stale, who = ownership(existing, job.uid, job.name)
         if not ours:
             found.append(Conflict(str(child["kind"]), str(child["metadata"]["name"]), stale, who))
     return tuple(found)
@@ -135,7 +125,7 @@ async def _create_children(api: kube.KubeApi, job: ResolvedJob, children: list[d
             continue
         # 409: someone created it between our check and our create; it must be ours to go on.
         existing = await api.get(resource, namespace, name)
-        if existing is not None and not _owner(existing, job)[0]:
+        if existing is not None and not ownership(existing, job.uid, job.name)[0]:
             raise kube.ApiError(409, "Conflict", f"{child['kind']} {namespace}/{name} is not owned by {job.name}")
     return created
 
@@ -152,13 +142,6 @@ async def unready_nodes(api: kube.KubeApi, observed: Observed, now: datetime) ->
         if node is None or not node_ready(node):
             found.add(node_name)
     return frozenset(found)
-
-
-def node_ready(node: Mapping[str, Any]) -> bool:
-    """Whether a node's kubelet reports in: Ready=True and no unreachable/not-ready taint."""
-    conditions = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
-    taints = {t.get("key") for t in (node.get("spec") or {}).get("taints") or []}
-    return conditions.get("Ready") == "True" and not taints & set(names.NODE_UNREACHABLE_TAINTS)
 
 
 async def _apply(api: kube.KubeApi, namespace: str, plan: Plan, job: ResolvedJob | None) -> bool:

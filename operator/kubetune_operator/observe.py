@@ -287,3 +287,21 @@ def stuck_pods(observed: Observed, now: datetime) -> list[PodState]:
         # A terminated pod holds nothing: there is no grace period to wait for.
         and (now >= pod.deletion_deadline or pod.phase in ("Succeeded", "Failed"))
     ]
+
+
+def ownership(obj: Mapping[str, Any], owner_uid: str | None, owner_name: str) -> tuple[bool, bool, str]:
+    """``(ours, stale, who)`` of an existing object: owned by FineTuneJob ``owner_uid``; owned by an earlier
+    FineTuneJob of the same name (garbage collection will remove it); who owns it, for a message."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if owner_uid is not None and any(ref.get("uid") == owner_uid for ref in refs):
+        return True, False, "owned by this FineTuneJob"
+    stale = any(ref.get("kind") == KIND and ref.get("name") == owner_name for ref in refs)
+    who = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
+    return False, stale, f"owned by {who}" if who else "no owner"
+
+
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """Whether a node's kubelet reports in: Ready=True and no unreachable/not-ready taint."""
+    conditions = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
+    taints = {t.get("key") for t in (node.get("spec") or {}).get("taints") or []}
+    return conditions.get("Ready") == "True" and not taints & set(names.NODE_UNREACHABLE_TAINTS)

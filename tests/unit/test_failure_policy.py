@@ -11,7 +11,7 @@ import pytest
 
 from kubetune_operator.conditions import rfc3339
 from kubetune_operator.failures import classify_failure
-from kubetune_operator.observe import Conflict, observe
+from kubetune_operator.observe import Conflict, node_ready, observe, ownership
 from kubetune_operator.progress import with_step_time
 from kubetune_operator.reconcile import next_status
 from kubetune_trainer.spec import ConditionType, Phase
@@ -326,3 +326,31 @@ def test_a_foreign_child_blocks_creation_until_it_is_gone() -> None:
     free = next_status(make_job(), observe(NAME, UID, blocked.status, [], []), NOW)
     assert free.create_attempt == 1
     assert cond(free, ConditionType.CHILD_CONFLICT)["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("refs", "ours", "stale", "who"),
+    [
+        ([{"kind": "FineTuneJob", "name": NAME, "uid": UID}], True, False, "owned by this FineTuneJob"),
+        ([{"kind": "FineTuneJob", "name": NAME, "uid": "old-uid"}], False, True, f"owned by FineTuneJob {NAME}"),
+        ([{"kind": "Deployment", "name": "web", "uid": "x"}], False, False, "owned by Deployment web"),
+        ([], False, False, "no owner"),
+    ],
+)
+def test_ownership_of_an_existing_child(refs: list[dict[str, str]], ours: bool, stale: bool, who: str) -> None:
+    assert ownership({"metadata": {"ownerReferences": refs}}, UID, NAME) == (ours, stale, who)
+
+
+@pytest.mark.parametrize(
+    ("ready", "taints", "expected"),
+    [
+        ("True", [], True),
+        ("Unknown", [], False),
+        ("False", [], False),
+        ("True", [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}], False),
+        ("True", [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}], True),
+    ],
+)
+def test_node_ready(ready: str, taints: list[dict[str, str]], expected: bool) -> None:
+    node = {"spec": {"taints": taints}, "status": {"conditions": [{"type": "Ready", "status": ready}]}}
+    assert node_ready(node) is expected
