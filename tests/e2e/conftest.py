@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 import pytest
 
+from kubetune_operator import names
 from kubetune_operator.localpods import local_base_env
 from kubetune_operator.main import OperatorHandle, start_in_thread
 from kubetune_operator.settings import OperatorSettings
@@ -160,5 +161,5 @@ def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def attempt_jobs(client: Client, name: str) -> list[str]:
     """The attempt Jobs of FineTuneJob ``name`` that exist, sorted."""
     return sorted(
-        j["metadata"]["name"] for j in client.jobs(NAMESPACE) if j["metadata"]["name"].startswith(f"{name}-a")
+        j["metadata"]["name"] for j in client.jobs(NAMESPACE) if names.attempt_of(j["metadata"]["name"], name)
     )

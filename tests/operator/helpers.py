@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune_operator import names
 from tests.operator.conftest import FTJ, NAMESPACE
 from tests.support.kube import Client, wait_for
 
@@ -27,9 +28,14 @@ def condition(st: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in st.get("conditions", []) if c["type"] == kind)
 
 
-def job_names(client: Client, prefix: str) -> list[str]:
-    """Names of the Jobs starting with ``prefix``, sorted."""
-    return sorted(j["metadata"]["name"] for j in client.jobs(NAMESPACE) if j["metadata"]["name"].startswith(prefix))
+def job_names(client: Client, name: str) -> list[str]:
+    """The attempt Jobs (``<name>-a<N>``) of FineTuneJob ``name`` that exist, sorted (never another job's,
+    even one whose name starts the same: tests pass in any order)."""
+    return sorted(
+        j["metadata"]["name"]
+        for j in client.jobs(NAMESPACE)
+        if names.attempt_of(j["metadata"]["name"], name) is not None
+    )
 
 
 def events(client: Client, name: str) -> list[tuple[str, str]]:
