@@ -90,9 +90,19 @@ class KubeModel(BaseModel):
     # Cross-field rules that apply to this model.
     api_rules: ClassVar[tuple[Rule, ...]] = ()
 
+    @classmethod
+    def dynamic_rules(cls) -> tuple[Rule, ...]:
+        """Rules computed when asked (from a registry) rather than stated in ``api_rules``."""
+        return ()
+
+    @classmethod
+    def rules(cls) -> tuple[Rule, ...]:
+        """Every cross-field rule of this model: ``api_rules`` and the dynamic ones."""
+        return cls.api_rules + cls.dynamic_rules()
+
     @model_validator(mode="after")
     def _check_rules(self) -> KubeModel:
-        for rule in type(self).api_rules:
+        for rule in type(self).rules():
             if rule.transition:
                 continue
             if not rule.check(self):
