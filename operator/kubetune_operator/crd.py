@@ -24,6 +24,7 @@ import yaml
 from kubetune_operator import names
 from kubetune_trainer.spec import API_VERSION, GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
 from kubetune_trainer.spec._base import Rule
+from kubetune_trainer.spec.plugins import load_plugins
 from kubetune_trainer.spec.strategy import strategy_definitions
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     check = "--check" in args
     args = [a for a in args if a != "--check"]
     target = (Path(args[0]) if args else Path("crds")) / CRD_FILE_NAME
+    load_plugins()  # a platform's own strategies belong in its CRD
     fresh = render_crd_yaml()
     if check:
         current = target.read_text() if target.exists() else ""

@@ -47,6 +47,7 @@ ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # node-local scratch (checkpoint staging, do
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # where pvc://CLAIM/... volumes are mounted
+ENV_PLUGINS = "KUBETUNE_PLUGINS"  # modules that register strategies or storage schemes (platform configuration)
 
 CONFIG_MOUNT_DIR = "/etc/kubetune"
 CONFIG_FILE_NAME = "job.json"
