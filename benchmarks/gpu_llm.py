@@ -92,6 +92,7 @@ class Case:
     micro_batch: int
     data: str  # fixed | variable
     packing: bool = False
+    compile: bool = False  # kubetune's training.compile
     systems: tuple[str, ...] = ("hf", "kubetune")
     warmup: int = 10
     measured: int = 20
@@ -111,6 +112,8 @@ CASES: dict[str, Case] = {
         Case("lora-4096", "lora", 4096, 4, "fixed"),
         Case("unpacked-1024", "full", 1024, 16, "variable", systems=("kubetune",)),
         Case("packed-1024", "full", 1024, 16, "variable", packing=True, systems=("kubetune",)),
+        # Not in the default set (compilation takes a minute or two of the device budget).
+        Case("full-1024-compiled", "full", 1024, 16, "fixed", compile=True, systems=("kubetune",)),
     )
 }
 DEFAULT_CASES = ("full-1024", "lora-1024", "unpacked-1024", "packed-1024", "minilm-mr")
@@ -180,6 +183,7 @@ def kubetune_job(case: Case, model: Path, train: Path, work: Path, *, tiny: bool
                 "precision": "fp32" if tiny else "bf16",
                 "logEverySteps": 5,
                 "attention": "sdpa",
+                "compile": case.compile,
             },
             "deepspeed": {"zeroStage": 2},
             "output": {"uri": f"file://{work / 'output'}"},
