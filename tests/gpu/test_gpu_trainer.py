@@ -93,3 +93,50 @@ def test_record_the_versions_this_suite_ran_with() -> None:
     out = Path(os.environ.get("KUBETUNE_GPU_VERSIONS", REPO / "tests" / "gpu" / "last-run.json"))
     out.write_text(json.dumps(versions, indent=2) + "\n")
     assert versions["cuda"]
+
+
+def test_a_training_step_never_waits_for_the_gpu_in_kubetune_code(tiny_backbones: dict[str, Path]) -> None:
+    # CUDA's sync debug mode warns at every operation that makes the host wait for the device
+    # (.item(), blocking copies, data-dependent shapes); none may come from kubetune's own files.
+    import warnings
+
+    import torch
+
+    from kubetune_trainer.device import Placement
+    from kubetune_trainer.dsconfig import build_deepspeed_config
+    from kubetune_trainer.engine import build_model
+    from kubetune_trainer.feeder import Feeder
+    from kubetune_trainer.losses import Objective
+    from kubetune_trainer.model import load_tokenizer
+    from kubetune_trainer.session import Session
+    from kubetune_trainer.step import TrainStep
+    from tests.support.torch_engine import TorchEngine
+    from tests.trainer.test_placement import _examples, _feeder, _job
+
+    gpu = Placement(torch.device("cuda", 0))
+    job = _job(tiny_backbones["gpt2"], "causal-lm", objective={"regularization": {"l2sp": 0.1}})
+    ds_config = build_deepspeed_config(job.spec, world_size=1, cpu=False, total_steps=8)
+    built = build_model(job.spec, tiny_backbones["gpt2"], None, ds_config=ds_config, total_steps=8)
+    model = built.model.to(gpu.device)
+    tokenizer = load_tokenizer(tiny_backbones["gpt2"], "tiny")
+    plain = _feeder(job, tokenizer, _examples(job, tokenizer, lm_rows(64, seed=4)), gpu)
+    feeder = Feeder(plain.items, plain.sampler, plain.batcher, gpu, prefetch=2)
+    objective = Objective(
+        job.spec, prefix_positions=0, anchors=gpu.tensors(built.anchors or {}), loss_head=built.loss_head
+    )
+    session = Session(rank=0, world_size=1, local_rank=0, local_world_size=1, placement=gpu)
+    stepper = TrainStep(TorchEngine(model, accumulation=2), objective, feeder, session, accumulation=2)
+    position = stepper.run(1, 0, sigterm=False)  # warm-up: allocations, kernel selection
+    stepper.settle(all_steps=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step in range(2, 5):
+                position = stepper.run(step, position, sigterm=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [w for w in caught if "synchroniz" in str(w.message) and "kubetune_trainer" in w.filename]
+    assert not ours, [(w.filename, w.lineno, str(w.message)[:80]) for w in ours]
+    feeder.close()
