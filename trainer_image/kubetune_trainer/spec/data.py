@@ -54,7 +54,9 @@ class DatasetSpec(KubeModel):
         ),
         Rule(
             cel=f"!has(self.split) || self.train.startsWith('{_HF_PREFIX}') || self.train.endsWith('/')",
-            message="split applies to a Hugging Face dataset or a save_to_disk folder (train: hf://datasets/... or .../)",
+            message=(
+                "split applies to a Hugging Face dataset or a save_to_disk folder (train: hf://datasets/... or .../)"
+            ),
             field="split",
             check=lambda d: d.split is None or _is_hf(d.train) or d.train.endswith("/"),
         ),
@@ -68,8 +70,10 @@ class DatasetSpec(KubeModel):
                 "(validation: hf://datasets/... or .../)"
             ),
             field="validationSplitName",
-            check=lambda d: d.validation_split_name is None or _is_hf(d.validation) or bool(
-                d.validation and d.validation.endswith("/")
+            check=lambda d: (
+                d.validation_split_name is None
+                or _is_hf(d.validation)
+                or bool(d.validation and d.validation.endswith("/"))
             ),
         ),
         Rule(
@@ -103,9 +107,7 @@ class DatasetSpec(KubeModel):
     )
     validation_split_name: Annotated[str, Field(pattern=_SPLIT_NAME, max_length=128)] | None = Field(
         default=None,
-        description=(
-            "Split of the validation Hugging Face dataset or save_to_disk folder; validation when omitted."
-        ),
+        description=("Split of the validation Hugging Face dataset or save_to_disk folder; validation when omitted."),
     )
     subset: Annotated[str, Field(pattern=_SPLIT_NAME, max_length=128)] | None = Field(
         default=None, description="Configuration (subset) of a Hugging Face dataset; its default when omitted."
