@@ -158,7 +158,9 @@ def _plan_hf(uri: str, *, split: str | None, subset: str | None) -> SourcePlan:
         if _offline():
             from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(repo, repo_type="dataset", revision=revision or None, local_files_only=True)
+            folder = snapshot_download(
+                repo, repo_type="dataset", revision=revision or None, local_files_only=True, cache_dir=hub_cache()
+            )
             commit = Path(folder).name
             return SourcePlan(uri, "hf", "", (), split, subset, repo, commit, snapshot=folder)
         from huggingface_hub import HfApi
@@ -168,6 +170,13 @@ def _plan_hf(uri: str, *, split: str | None, subset: str | None) -> SourcePlan:
         where = "in the offline Hugging Face cache" if _offline() else "on the Hugging Face hub"
         raise InvalidData(f"{uri}: dataset not found {where} ({type(exc).__name__})") from exc
     return SourcePlan(uri, "hf", "", (), split, subset, repo, commit)
+
+
+def hub_cache() -> str | None:
+    """The hub cache the environment names now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
 
 
 def _offline() -> bool:

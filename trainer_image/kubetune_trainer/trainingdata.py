@@ -84,7 +84,14 @@ class _Plan:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything about the tokenizer that changes the ids it produces."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are set on the backend by each call (the calls pass them explicitly).
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = {
         "class": type(tokenizer).__name__,
         "special": {k: str(v) for k, v in dict(tokenizer.special_tokens_map).items()},
