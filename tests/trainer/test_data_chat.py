@@ -109,7 +109,8 @@ def test_truncation_drops_and_counts_by_reason(tokenizer: Any) -> None:
     block = Encoder(tokenizer, MODEL, dataset, "chat", chat.CHATML).encode(rows)
     assert block.status.tolist() == [0, 1, 2]  # kept, truncated, no_trainable_tokens
     assert block.lengths.tolist() == [16]
-    assert block.labels is not None and (block.labels != IGNORE_INDEX).any()
+    assert block.labels is not None
+    assert (block.labels != IGNORE_INDEX).any()
 
 
 def test_bad_messages_name_the_row_and_field(tokenizer: Any) -> None:

@@ -84,7 +84,8 @@ def test_s3_glob_reads_every_shard_in_key_order(s3_server: S3Endpoint, tmp_path:
     data = _load(spec, tokenizer, tmp_path / "work")
     names = [text.split()[0] for text in _texts(tokenizer, data)]
     assert names == ["alice"] * 3 + ["bob"] * 3 + ["carol"] * 3
-    assert data.report is not None and data.report.parts["train"]["rows"] == 9
+    assert data.report is not None
+    assert data.report.parts["train"]["rows"] == 9
     with pytest.raises(InvalidData, match=r"s3://kubetune-test/data/none/\*.parquet: matches no files"):
         _load(
             _spec({"train": s3_server.uri("data/none/*.parquet")}, checkpoint={"endpoint": s3_server.endpoint}),
@@ -156,7 +157,8 @@ def test_save_to_disk_folder_with_splits(tmp_path: Path, tokenizer: Any) -> None
     )
     data = _load(spec, tokenizer, tmp_path / "work")
     assert (len(data.train), len(data.validation)) == (6, 2)
-    assert data.report is not None and data.report.mode == "prompt"
+    assert data.report is not None
+    assert data.report.mode == "prompt"
 
 
 def _corrupt_keeping_identity(path: Path) -> None:
@@ -173,16 +175,19 @@ def test_store_is_reused_by_a_fresh_node_and_rebuilt_when_tokenizer_or_data_chan
     checkpoint = {"uri": f"file://{tmp_path / 'ckpt'}"}
     spec = _spec({"train": str(train), "validationSplit": 0.2}, checkpoint=checkpoint)
     first = _load(spec, tokenizer, tmp_path / "attempt-1")
-    assert first.report is not None and first.report.cache["how"] == "built"
+    assert first.report is not None
+    assert first.report.cache["how"] == "built"
     key = first.report.cache["key"]
     complete = tmp_path / "ckpt" / "tokens" / key / "COMPLETE"
-    assert complete.is_file() and (tmp_path / "ckpt" / "tokens" / key / "store" / "meta.json").is_file()
+    assert complete.is_file()
+    assert (tmp_path / "ckpt" / "tokens" / key / "store" / "meta.json").is_file()
     uploaded = {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt" / "tokens").rglob("*") if p.is_file()}
 
     original = list(first.train), list(first.validation)
     _corrupt_keeping_identity(train)
     second = _load(spec, tokenizer, tmp_path / "attempt-2")  # a new pod: empty work dir
-    assert second.report is not None and second.report.cache == {**first.report.cache, "how": "storage"}
+    assert second.report is not None
+    assert second.report.cache == {**first.report.cache, "how": "storage"}
     assert (list(second.train), list(second.validation)) == original  # the garbage was never read
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt" / "tokens").rglob("*") if p.is_file()} == uploaded
 
@@ -193,7 +198,8 @@ def test_store_is_reused_by_a_fresh_node_and_rebuilt_when_tokenizer_or_data_chan
 
     write_jsonl(train, sentiment_rows(21, seed=6))
     third = _load(spec, tokenizer, tmp_path / "attempt-4")
-    assert third.report is not None and third.report.cache["how"] == "built"
+    assert third.report is not None
+    assert third.report.cache["how"] == "built"
     assert third.report.cache["key"] != key
 
 
@@ -237,7 +243,8 @@ def test_over_truncation_fails_naming_the_count_the_field_and_max_length(tmp_pat
         task="causal-lm",
     )
     data = _load(relaxed, tokenizer, tmp_path / "work")  # the cached store, checked against the new bound
-    assert data.report is not None and data.report.cache["how"] == "node"
+    assert data.report is not None
+    assert data.report.cache["how"] == "node"
     assert len(data.train) == 17
     assert data.report.to_json()["dropped"] == {"truncated": 3, "no_trainable_tokens": 0}
     assert (
