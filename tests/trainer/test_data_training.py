@@ -124,7 +124,7 @@ def runs(
     root = tmp_path_factory.mktemp("data-runs")
     bert, gpt2 = tiny_backbones["bert"], tiny_backbones["gpt2"]
     chat = write_jsonl(root / "chat.jsonl", chat_rows(24, seed=1))
-    hub = _hub_cache(root / "hub", {"train": sentiment_rows(24, seed=2)})
+    hub = _hub_cache(root / "hub-cache", {"train": sentiment_rows(24, seed=2)})
     instructions = instruction_rows(24, seed=3)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(instructions)}).save_to_disk(str(root / "saved"))
     for shard in range(3):
@@ -135,8 +135,8 @@ def runs(
         row["prompt"] = " ".join(["film"] * 40)
     jobs = {
         "chat": _lm_spec(chat_model, {"train": str(chat), "packing": True}, root / "chat"),
-        "hub": _bert_spec(bert, {"train": "hf://datasets/acme/reviews"}, root / "hub-run"),
-        "saved": _lm_spec(
+        "hub-run": _bert_spec(bert, {"train": "hf://datasets/acme/reviews"}, root / "hub-run"),
+        "saved-run": _lm_spec(
             gpt2,
             {"train": f"file://{root / 'saved'}/", "promptField": "prompt", "responseField": "response"},
             root / "saved-run",
@@ -270,7 +270,8 @@ def test_second_attempt_reuses_the_store_and_sees_the_batches_of_an_uninterrupte
     assert _wait(b, log_b2) == 0, log_b2.read_text()[-4000:]
     resumed = log_b2.read_text()
     assert f"reused from file://{tmp_path / 'b' / 'ckpt'}/tokens/" in resumed
-    assert "tokenizing" not in resumed and "tokenized" not in resumed
+    assert "tokenizing" not in resumed
+    assert "tokenized" not in resumed
     assert f"at step {stopped}" in resumed
     loss_a, loss_b = _losses(log_a.read_text()), _losses(resumed)
     assert sorted(loss_b) == list(range(stopped + 1, 11))

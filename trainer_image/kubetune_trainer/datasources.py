@@ -251,6 +251,8 @@ def _open_disk(source: SourcePlan, root: Path, default_split: str) -> tuple[Any,
 def _open_hf(source: SourcePlan, work_dir: Path, default_split: str) -> tuple[Any, str]:
     import datasets
 
+    datasets.disable_progress_bars()  # one concise line per interval is ours; no per-split bars
+
     split = source.split or default_split
     path = source.snapshot or source.repo
     kwargs: dict[str, Any] = {"cache_dir": str(work_dir / "sources" / "hf-datasets")}
