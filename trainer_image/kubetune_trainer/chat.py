@@ -165,17 +165,16 @@ def _prefix_spans(
     return spans
 
 
-def assistant_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[bool]:
-    """Per token: does it overlap an assistant span?  (The rule of transformers' assistant masks.)"""
-    mask = [False] * len(offsets)
-    if not spans:
-        return mask
-    index = 0
-    for token, (start, end) in enumerate(offsets):
-        while index < len(spans) and start >= spans[index][1]:
-            index += 1
-        if index == len(spans):
-            break
-        if end > spans[index][0] and end > start:
-            mask[token] = True
+def assistant_mask_array(offsets: Any, spans: Sequence[Span]) -> Any:
+    """Per token (``offsets``: an (n, 2) array of character ranges): does it overlap an assistant span?
+
+    The rule of transformers' assistant masks, in numpy: a token is trained on when it has characters
+    and overlaps a span.
+    """
+    import numpy as np
+
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), dtype=bool)
+    for low, high in spans:
+        mask |= (ends > low) & (starts < high) & (ends > starts)
     return mask

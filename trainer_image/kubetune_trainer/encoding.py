@@ -213,13 +213,13 @@ class Encoder:
             for where, row in rows
         ]
         texts, spans = chat.render_conversations(conversations, self.template, _template_variables(tok), wheres)
-        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        labels_of, had = [], []
-        for ids, offsets, row_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
-            mask = chat.assistant_mask(offsets, row_spans)
-            labels_of.append([t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
-            had.append(any(mask))
-        return self._keep(enc["input_ids"], labels_of, had, None)
+        ids_of, labels_of, had = [], [], []
+        for ids, offsets, row_spans in zip(*_encode_with_offsets(tok, texts), spans, strict=True):
+            mask = chat.assistant_mask_array(offsets, row_spans)
+            ids_of.append(ids)
+            labels_of.append(np.where(mask, ids, IGNORE_INDEX).astype(np.int32))
+            had.append(bool(mask.any()))
+        return self._keep(ids_of, labels_of, had, None)
 
     def _text(self, rows: Sequence[Row]) -> Encoded:
         ds = self.dataset
@@ -238,8 +238,8 @@ class Encoder:
 
     def _keep(
         self,
-        ids_of: Sequence[Sequence[int]],
-        labels_of: Sequence[Sequence[int]],
+        ids_of: Sequence[Sequence[int] | np.ndarray],
+        labels_of: Sequence[Sequence[int] | np.ndarray],
         had_targets: Sequence[bool],
         types_of: Sequence[Sequence[int]] | None,
     ) -> Encoded:
@@ -248,21 +248,48 @@ class Encoder:
         status = np.zeros(len(ids_of), dtype=np.int8)
         kept_ids, kept_labels, kept_types = [], [], []
         for index, (ids, labels) in enumerate(zip(ids_of, labels_of, strict=True)):
-            cut = labels[:limit]
-            if not any(label != IGNORE_INDEX for label in cut):
+            cut = np.asarray(labels[:limit], dtype=np.int32)
+            if not (cut != IGNORE_INDEX).any():
                 status[index] = TRUNCATED if had_targets[index] else NO_TRAINABLE
                 continue
-            kept_ids.append(ids[:limit])
+            kept_ids.append(np.asarray(ids[:limit], dtype=np.int32))
             kept_labels.append(cut)
             if types_of is not None:
-                kept_types.append(types_of[index][:limit])
+                kept_types.append(np.asarray(types_of[index][:limit], dtype=np.int8))
         return Encoded(
             lengths=np.fromiter((len(x) for x in kept_ids), dtype=np.int32, count=len(kept_ids)),
-            input_ids=_flat(kept_ids, np.int32),
+            input_ids=_concat(kept_ids, np.int32),
             status=status,
-            labels=_flat(kept_labels, np.int32),
-            token_type_ids=_flat(kept_types, np.int8) if types_of is not None else None,
+            labels=_concat(kept_labels, np.int32),
+            token_type_ids=_concat(kept_types, np.int8) if types_of is not None else None,
         )
+
+
+def _concat(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
+
+
+def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token ids and character offsets of rendered chats, as arrays.
+
+    A fast tokenizer's backend encodes the batch directly (what ``tokenizer(texts,
+    add_special_tokens=False)`` does, less the conversion of every encoding to Python
+    lists); the chat templates write the special tokens themselves.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: through its own call
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return (
+            [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
+            [np.asarray(x, dtype=np.int64).reshape(-1, 2) for x in enc["offset_mapping"]],
+        )
+    backend.no_truncation()  # truncation comes after the masks, and counts what it cuts
+    backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return (
+        [np.asarray(e.ids, dtype=np.int32) for e in encodings],
+        [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encodings],
+    )
 
 
 def _template_variables(tokenizer: Any) -> dict[str, Any]:
