@@ -276,3 +276,35 @@ def test_second_attempt_reuses_the_store_and_sees_the_batches_of_an_uninterrupte
     loss_a, loss_b = _losses(log_a.read_text()), _losses(resumed)
     assert sorted(loss_b) == list(range(stopped + 1, 31))
     assert {s: loss_b[s] for s in loss_b} == {s: loss_a[s] for s in loss_b}
+
+
+def test_two_nodes_tokenize_once(tmp_path: Path, chat_model: Path) -> None:
+    """Two nodes (two launchers, separate work dirs): node 0 tokenizes, node 1 downloads the store."""
+    from kubetune_operator.localpods import free_port
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24, seed=6))
+    job = write_job(tmp_path / "job.json", _lm_spec(chat_model, {"train": str(data)}, tmp_path / "run", maxSteps=2))
+    port = free_port()
+    procs, logs = [], []
+    for node in (0, 1):
+        argv = [
+            sys.executable, "-m", "kubetune_trainer.launch", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "kubetune_trainer", "--config", str(job),
+        ]  # fmt: skip
+        work = tmp_path / f"node-{node}"
+        env = trainer_env(KUBETUNE_WORK_DIR=str(work), KUBETUNE_TERMINATION_LOG=str(work / "termination-log"))
+        logs.append(tmp_path / f"node-{node}.log")
+        with logs[-1].open("wb") as out:
+            procs.append(
+                subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            )
+    for proc, log in zip(procs, logs, strict=True):
+        assert _wait(proc, log) == 0, log.read_text()[-4000:]
+    assert "tokenized" in logs[0].read_text()
+    key = json.loads((tmp_path / "run" / "output" / "kubetune-metrics.json").read_text())["data"]["cache"]["key"]
+    built = sorted(p.name for p in (tmp_path / "node-0" / "tokens").iterdir())
+    downloaded = sorted(p.name for p in (tmp_path / "node-1" / "tokens").iterdir())
+    assert built[0] == key
+    assert built[1].startswith(f"{key}.progress-")
+    assert downloaded == [key]  # node 1 only received the finished store
+    assert (tmp_path / "run" / "ckpt" / "tokens" / key / "COMPLETE").is_file()

@@ -60,11 +60,17 @@ class CachePlace:
 
     @classmethod
     def for_job(
-        cls, key: str, work_dir: Path, checkpoint_uri: str | None, endpoint: str | None, region: str | None
+        cls,
+        key: str,
+        work_dir: Path,
+        checkpoint_uri: str | None,
+        endpoint: str | None,
+        region: str | None,
+        nonce: str | None = None,
     ) -> CachePlace:
-        """The place of ``key`` for a job (a fresh nonce)."""
+        """The place of ``key`` for a job; ``nonce`` is the attempt's (rank 0 draws it for everyone)."""
         remote = token_cache_uri(checkpoint_uri, key) if checkpoint_uri else None
-        return cls(key, work_dir / "tokens" / key, remote, endpoint, region, uuid.uuid4().hex[:12])
+        return cls(key, work_dir / "tokens" / key, remote, endpoint, region, nonce or uuid.uuid4().hex[:12])
 
     def store(self) -> storage.Store:
         """The job-storage folder of this key."""
@@ -152,10 +158,10 @@ def download(place: CachePlace) -> None:
     place.store().download_prefix(STORE_PREFIX, staging)
     if not (staging / META).is_file():
         raise storage.StorageError(f"{place.remote}: the cached token store has no {META}")
-    _install(staging, place.local)
+    install(staging, place.local)
 
 
-def _install(staging: Path, target: Path) -> None:
+def install(staging: Path, target: Path) -> None:
     """Move a finished folder into place; a copy another process installed first wins."""
     try:
         staging.replace(target)

@@ -17,7 +17,7 @@ job's credentials Secret) and honours an offline hub cache (``HF_HUB_OFFLINE``,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class SourcePlan:
     repo: str = ""  # hf: OWNER/NAME
     commit: str = ""  # hf: the resolved revision
     snapshot: str = ""  # hf offline: the cached snapshot folder
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def identity(self) -> list[Any]:
@@ -223,13 +222,12 @@ def _local_root(source: SourcePlan, work_dir: Path, endpoint: str | None, region
     digest = hashlib.sha256(repr(source.identity).encode()).hexdigest()[:16]
     target = work_dir / "sources" / "data" / digest
     done = target / ".kubetune-download-complete"
-    if done.exists():
-        return target if source.shards[0].key else target / "object"
-    store = storage.open_store(source.root, **_options(endpoint, region))
-    target.mkdir(parents=True, exist_ok=True)
-    for shard in source.shards:
-        store.get_file(shard.key, target / (shard.key or "object"))
-    done.touch()
+    if not done.exists():  # remote shards always have a key below their root (the object's parent)
+        store = storage.open_store(source.root, **_options(endpoint, region))
+        target.mkdir(parents=True, exist_ok=True)
+        for shard in source.shards:
+            store.get_file(shard.key, target / shard.key)
+        done.touch()
     return target
 
 

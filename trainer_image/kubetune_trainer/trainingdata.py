@@ -220,7 +220,7 @@ def _build(
         "sources": {role: s.uri for role, s in plan.sources.items()},
     }
     writer.close(meta)
-    datacache._install(staging, place.local)
+    datacache.install(staging, place.local)
     return counts
 
 
@@ -308,8 +308,7 @@ def load_training_data(spec: FineTuneJobSpec, tokenizer: Any, work_dir: Path, se
     """Read, validate and tokenize the job's data once per job; every rank maps the result."""
     ds, ckpt = spec.dataset, spec.checkpoint
     plan = _shared_plan(spec, tokenizer, session)
-    place = datacache.CachePlace.for_job(plan.key, work_dir, ckpt.uri, ckpt.endpoint, ckpt.region)
-    place = datacache.CachePlace(place.key, place.local, place.remote, place.endpoint, place.region, plan.nonce)
+    place = datacache.CachePlace.for_job(plan.key, work_dir, ckpt.uri, ckpt.endpoint, ckpt.region, plan.nonce)
     size = sum(s.size for s in plan.sources.values())
     timeout = datacache.wait_timeout(size) + (2700.0 if any(s.kind == "hf" for s in plan.sources.values()) else 0.0)
     started = time.monotonic()
