@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,18 +138,22 @@ def file_chunks(path: Path, fmt: str, display: str) -> list[Chunk]:
 
 
 def _jsonl_chunks(path: Path, display: str) -> list[Chunk]:
+    """Byte ranges of about CHUNK_BYTES ending at line ends; lines counted in C (``bytes.count``)."""
     chunks: list[Chunk] = []
-    start = offset = 0
-    first = line = 1
+    start, first = 0, 1
     with path.open("rb") as handle:
-        for raw in handle:
-            offset += len(raw)
-            line += 1
-            if offset - start >= CHUNK_BYTES:
-                chunks.append(JsonlChunk(path, display, start, offset, first))
-                start, first = offset, line
-    if offset > start:
-        chunks.append(JsonlChunk(path, display, start, offset, first))
+        size = os.fstat(handle.fileno()).st_size
+        while size - start > CHUNK_BYTES:
+            handle.seek(start + CHUNK_BYTES)
+            end = start + CHUNK_BYTES + len(handle.readline())  # to the end of the line under the cut
+            if end >= size:
+                break
+            handle.seek(start)
+            chunks.append(JsonlChunk(path, display, start, end, first))
+            first += handle.read(end - start).count(b"\n")
+            start = end
+    if size > start:
+        chunks.append(JsonlChunk(path, display, start, size, first))
     return chunks
 
 

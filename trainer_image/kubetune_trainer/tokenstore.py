@@ -9,15 +9,20 @@ Layout of a store folder::
     train.packed_offsets.bin         int64, optional: packed rows of the train view ...
     train.packed_members.bin         int64            ... as example indices of that view
 
-Readers map the files (``numpy.memmap``) and build :class:`~kubetune_trainer.data.Example`
-objects one at a time, so a rank's resident memory for data does not grow with the
-dataset; the page cache holds the bytes and is shared by the node's ranks.
+Readers map the per-example index (``numpy.memmap``: offsets, a few bytes per example) and
+read each example's tokens with a positional read when a batch needs it, building
+:class:`~kubetune_trainer.data.Example` objects one at a time: a rank's resident memory for
+data does not grow with the dataset.  The page cache holds the bytes, shared by the node's
+ranks.  (Mapping the token arrays too would count every page a rank ever touched, and the
+kernel's read-around, in its resident memory.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +109,20 @@ def _map(path: Path, dtype: str) -> np.ndarray:
 
 
 class Part:
-    """The mapped arrays of one part: examples by index."""
+    """One part's examples by index.
+
+    The per-example index (offsets, sequence labels) is mapped; the per-token arrays are read
+    with positional reads (``os.pread``), so the bytes of the examples a rank has read stay in
+    the node's page cache and never count in the rank's resident memory, however many it reads.
+    """
 
     def __init__(self, directory: Path, part: str, arrays: Sequence[str]) -> None:
         self.offsets = _map(directory / f"{part}.offsets.bin", DTYPES["offsets"])
-        self.arrays = {name: _map(directory / f"{part}.{name}.bin", DTYPES[name]) for name in arrays}
+        self.per_example = {
+            name: _map(directory / f"{part}.{name}.bin", DTYPES[name]) for name in arrays if name == "seq_labels"
+        }
+        self.per_token = {name: directory / f"{part}.{name}.bin" for name in arrays if name != "seq_labels"}
+        self._fds: dict[str, int] = {}
 
     def __len__(self) -> int:
         return max(0, len(self.offsets) - 1)
@@ -117,17 +131,30 @@ class Part:
         """Tokens per example (int64)."""
         return np.diff(self.offsets)
 
+    def _read(self, name: str, start: int, stop: int) -> list[int]:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.per_token[name], os.O_RDONLY)
+        dtype = np.dtype(DTYPES[name])
+        data = os.pread(fd, (stop - start) * dtype.itemsize, start * dtype.itemsize)
+        values: list[int] = np.frombuffer(data, dtype=dtype).tolist()
+        return values
+
     def example(self, index: int) -> Example:
-        """Example ``index``, built from the mapped arrays."""
+        """Example ``index``, read from the store."""
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        arrays = self.arrays
         labels: int | list[int] | None = None
-        if "seq_labels" in arrays:
-            labels = int(arrays["seq_labels"][index])
-        elif "labels" in arrays:
-            labels = arrays["labels"][start:stop].tolist()
-        types = arrays["token_type_ids"][start:stop].tolist() if "token_type_ids" in arrays else None
-        return Example(arrays["input_ids"][start:stop].tolist(), labels, types)
+        if "seq_labels" in self.per_example:
+            labels = int(self.per_example["seq_labels"][index])
+        elif "labels" in self.per_token:
+            labels = self._read("labels", start, stop)
+        types = self._read("token_type_ids", start, stop) if "token_type_ids" in self.per_token else None
+        return Example(self._read("input_ids", start, stop), labels, types)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class ExampleView(Sequence[Example]):
@@ -235,4 +262,4 @@ class TokenStore:
 class _EmptyPart(Part):
     def __init__(self) -> None:
         self.offsets = np.zeros(1, dtype="<i8")
-        self.arrays = {}
+        self.per_example, self.per_token, self._fds = {}, {}, {}
