@@ -92,16 +92,41 @@ def _render(
     generation: bool,
     prompt: bool,
 ) -> tuple[list[str], list[list[Span]]]:
-    from transformers.utils.chat_template_utils import render_jinja_template
+    """Render with transformers' compiled sandboxed template.
 
-    rendered, spans = cast(Any, render_jinja_template)(
-        conversations=list(conversations),
-        chat_template=template,
-        return_assistant_tokens_mask=generation,
-        add_generation_prompt=prompt,
-        **variables,
-    )
-    return list(rendered), [list(s) for s in spans] if generation else [[] for _ in rendered]
+    Rows read from JSON, parquet or Arrow are plain data already, so the per-message copy that
+    ``render_jinja_template`` makes for arbitrary Python objects is skipped (a quarter of the cost
+    of a conversation); a transformers without these helpers goes through ``render_jinja_template``.
+    """
+    from transformers.utils import chat_template_utils as ctu
+
+    compile_template = getattr(ctu, "_compile_jinja_template", None)
+    render_tracked = getattr(ctu, "_render_with_assistant_indices", None)
+    alias = getattr(ctu, "_alias_reasoning_fields", lambda chat: chat)
+    if compile_template is None or render_tracked is None:
+        rendered, spans = cast(Any, ctu.render_jinja_template)(
+            conversations=list(conversations),
+            chat_template=template,
+            return_assistant_tokens_mask=generation,
+            add_generation_prompt=prompt,
+            **variables,
+        )
+        return list(rendered), [list(s) for s in spans] if generation else [[] for _ in rendered]
+    compiled = compile_template(template)  # cached by the template's text
+    texts: list[str] = []
+    spans_of: list[list[Span]] = []
+    for conversation in conversations:
+        messages = alias(conversation)
+        if generation:
+            text, indices = render_tracked(compiled, messages, None, None, prompt, **variables)
+            spans_of.append([tuple(pair) for pair in indices])
+        else:
+            text = compiled.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=prompt, **variables
+            )
+            spans_of.append([])
+        texts.append(text)
+    return texts, spans_of
 
 
 def render_conversations(
