@@ -128,3 +128,15 @@ def test_gpu_check_skips_its_suite_cleanly_without_cuda(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)["tests"]
     assert summary["tests"] > 0
     assert summary["skipped"] == summary["tests"]  # every GPU test skipped, none failed
+
+
+def test_data_pipeline_compares_with_datasets_map_and_measures_reader_memory_and_restart() -> None:
+    report = _run("data_pipeline.py", "--rows", "3000", "--small-rows", "200", "--batches", "40", timeout=900)
+    tokenize = report["tokenize"]
+    assert tokenize["kubetune"]["examples"] == tokenize["datasets_map"]["examples"] == 3000
+    assert tokenize["kubetune"]["how"] == "built"
+    assert tokenize["ratio_kubetune_vs_datasets_map"] > 0
+    assert report["reader"]["big"]["batches"] == report["reader"]["small"]["batches"] == 40
+    assert report["reader"]["ratio_peak_rss_big_vs_small"] > 0
+    assert report["restart"]["tokenization_skipped"] is True
+    assert 0 < report["restart"]["seconds_to_data"] <= report["restart"]["seconds_to_first_step"]

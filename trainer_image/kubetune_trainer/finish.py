@@ -42,6 +42,7 @@ def metrics_document(trainer: Trainer, evaluation: dict[str, Any]) -> dict[str, 
         "task": spec.model.task.value,
         "specHash": spec_hash(trainer.job),
         "publishedAs": built.prepared.publish_as,
+        "data": trainer.data_report.to_json() if trainer.data_report is not None else None,
     }
 
 
@@ -66,6 +67,9 @@ def publish_run(trainer: Trainer, evaluation: dict[str, Any]) -> None:
     if destination:
         publish.upload(publish_dir, destination, endpoint=spec.checkpoint.endpoint, region=spec.checkpoint.region)
     extra: dict[str, Any] = {"step": state.step, "evaluation": evaluation}
+    if trainer.data_report is not None:
+        report = trainer.data_report.to_json()
+        extra["data"] = {"examples": report["examples"], "dropped": report["dropped"]}
     if destination:
         extra["output"] = {"uri": destination}
     committed = trainer.checkpoints.committed_step

@@ -107,6 +107,7 @@ class Trainer:
     total_steps: int
     accumulation: int
     started: float
+    data_report: Any = None  # trainingdata.DataReport: examples and drops, for kubetune-metrics.json
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -298,6 +299,8 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
     if session.local_rank == 0:
         metrics.serve()
     inputs = _inputs(spec, session, scratch)
+    if inputs.data.report is not None and session.local_rank == 0:
+        metrics.record_dropped(inputs.data.report.dropped())
     built = build_model(
         spec, inputs.backbone_dir, inputs.labels, ds_config=inputs.ds_config, total_steps=inputs.total_steps
     )
@@ -344,4 +347,5 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
         inputs.total_steps,
         inputs.accumulation,
         started,
+        data_report=inputs.data.report,
     )

@@ -90,6 +90,12 @@ class FineTuneJobSpec(KubeModel):
             check=lambda s: s.dataset.prompt_field is None or s.model.task == Task.CAUSAL_LM,
         ),
         Rule(
+            cel="!has(self.dataset.chatTemplate) || self.model.task == 'causal-lm'",
+            message="chatTemplate applies to causal-lm only",
+            field="dataset.chatTemplate",
+            check=lambda s: s.dataset.chat_template is None or s.model.task == Task.CAUSAL_LM,
+        ),
+        Rule(
             cel=(
                 "self.training.precision != 'fp16' || "
                 "('nvidia.com/gpu' in self.resources.requests) || ('nvidia.com/gpu' in self.resources.limits)"
