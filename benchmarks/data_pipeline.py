@@ -20,6 +20,7 @@ Usage: ``python benchmarks/data_pipeline.py [--rows 1000000] [--out FILE]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -236,22 +237,26 @@ def main() -> int:
         parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    report_out = sys.stdout
     if args.phase:
-        print(json.dumps(PHASES[args.phase](args)))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON (DeepSpeed prints notes)
+            phase_report = PHASES[args.phase](args)
+        print(json.dumps(phase_report), file=report_out)
         return 0
-    from kubetune_trainer.tokenizing import available_cpus
+    with contextlib.redirect_stdout(sys.stderr):
+        from kubetune_trainer.tokenizing import available_cpus
 
-    cores = available_cpus()
-    root = Path(tempfile.mkdtemp(prefix="kubetune-data-bench-"))
-    try:
-        report = _benchmark(root, args, cores)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        cores = available_cpus()
+        root = Path(tempfile.mkdtemp(prefix="kubetune-data-bench-"))
+        try:
+            report = _benchmark(root, args, cores)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(text)
+    print(text, file=report_out)
     return 0
 
 
