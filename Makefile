@@ -3,7 +3,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PY ?= .venv/bin/python
-SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image
+# Our sources first; a PYTHONPATH already set (the GPU machine's carried wheels) stays behind them.
+SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
 VENV_STAMP := .venv/.installed-stamp
 # CI runs everything but the `slow` marker (real pretrained model on real data, long resume
 # runs, real-run dashboards); `make test-slow` runs those.
@@ -73,7 +74,16 @@ $(DEMO_MODEL): $(VENV_STAMP)
 demo: venv $(DEMO_MODEL) ## fine-tune all-MiniLM-L6-v2 with LoRA on 2 local nodes (examples/local/demo.yaml)
 	$(SRC_PATH) .venv/bin/kubetune run examples/local/demo.yaml
 
-bench: venv ## run the benchmarks and print their JSON
-	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
+CPU_BENCHMARKS := benchmarks/trainer_vs_hf.py benchmarks/checkpoint_io.py benchmarks/operator_scale.py
 
-.PHONY: help venv system-deps crds chart generate verify images lint test test-slow demo bench
+bench: venv ## run the CPU benchmarks and print their JSON
+	@for b in $(CPU_BENCHMARKS); do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
+
+# On a GPU machine: `make gpu-check PY=python3` (no venv there; carried wheels on PYTHONPATH, see README).
+gpu-check: ## the GPU test suite and the GPU benchmark (kubetune vs HF Trainer), one JSON summary; needs CUDA
+	$(SRC_PATH) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-assets: venv ## write .gpu/ (wheels, MiniLM, MR) that an offline GPU machine needs for gpu-check
+	$(SRC_PATH) $(PY) benchmarks/gpu_assets.py
+
+.PHONY: help venv system-deps crds chart generate verify images lint test test-slow demo bench gpu-check gpu-assets

@@ -92,6 +92,7 @@ class Case:
     micro_batch: int
     data: str  # fixed | variable
     packing: bool = False
+    compile: bool = False  # kubetune's training.compile
     systems: tuple[str, ...] = ("hf", "kubetune")
     warmup: int = 10
     measured: int = 20
@@ -111,6 +112,8 @@ CASES: dict[str, Case] = {
         Case("lora-4096", "lora", 4096, 4, "fixed"),
         Case("unpacked-1024", "full", 1024, 16, "variable", systems=("kubetune",)),
         Case("packed-1024", "full", 1024, 16, "variable", packing=True, systems=("kubetune",)),
+        # Not in the default set (compilation takes a minute or two of the device budget).
+        Case("full-1024-compiled", "full", 1024, 16, "fixed", compile=True, systems=("kubetune",)),
     )
 }
 DEFAULT_CASES = ("full-1024", "lora-1024", "unpacked-1024", "packed-1024", "minilm-mr")
@@ -180,6 +183,7 @@ def kubetune_job(case: Case, model: Path, train: Path, work: Path, *, tiny: bool
                 "precision": "fp32" if tiny else "bf16",
                 "logEverySteps": 5,
                 "attention": "sdpa",
+                "compile": case.compile,
             },
             "deepspeed": {"zeroStage": 2},
             "output": {"uri": f"file://{work / 'output'}"},
@@ -350,10 +354,12 @@ def run_hf(case: Case, model: Path, train: Path, work: Path) -> dict[str, Any]:
 
 def minilm_case(work: Path, *, tiny: bool, minilm: Path | None, mr: Path | None) -> dict[str, Any]:
     """LoRA on all-MiniLM-L6-v2 with the slow test's MR data: samples/s and validation accuracy."""
-    model = minilm or _common.minilm_dir()
-    mr_dir = mr or _common.mr_dir()
-    if not model.is_dir() or not mr_dir.is_dir():
-        return {"ok": False, "skipped": f"needs {model} and {mr_dir}"}
+    carried = _common.REPO_ROOT / ".gpu"  # make gpu-assets: what an offline GPU machine gets
+    try:
+        model = minilm or (carried / "minilm" if (carried / "minilm").is_dir() else _common.minilm_dir())
+        mr_dir = mr or (carried / "mr" if (carried / "mr").is_dir() else _common.mr_dir())
+    except (ImportError, FileNotFoundError) as error:
+        return {"ok": False, "skipped": f"{type(error).__name__}: {error}"}
     rows: list[dict[str, Any]] = []
     for name, label in (("rt-polarity.pos", "positive"), ("rt-polarity.neg", "negative")):
         text = (mr_dir / name).read_bytes().decode("utf-8", errors="replace")
@@ -378,10 +384,12 @@ def minilm_case(work: Path, *, tiny: bool, minilm: Path | None, mr: Path | None)
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["query", "value"]},
             },
             "training": {
+                # 64 × 8 epochs at 5e-3 reached 0.8175 validation accuracy on the CPU (fp32), against the
+                # slow test's 0.805 with 16 × 3 epochs at 1e-3: a batch a GPU can use, the same accuracy.
                 "epochs": 1 if tiny else 8,
                 "learningRate": 5e-3,
                 "warmupRatio": 0.06,
-                "microBatchSize": 128,
+                "microBatchSize": 64,
                 "precision": "fp32" if tiny else "bf16",
                 "logEverySteps": 20,
                 "evaluation": {"metric": "accuracy", "everySteps": 1000},

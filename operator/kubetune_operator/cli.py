@@ -33,6 +33,18 @@ _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
 
 
+@app.callback()
+def _plugins() -> None:
+    """Every command knows the platform's plugins (KUBETUNE_PLUGINS): their strategies validate and render."""
+    from kubetune_trainer.spec.plugins import load_plugins
+
+    try:
+        load_plugins()
+    except (ValueError, ImportError) as error:
+        _err.print(f"kubetune: KUBETUNE_PLUGINS: {error}", markup=False)
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="FineTuneJob YAML files (several documents each are fine).")],

@@ -24,6 +24,8 @@ import yaml
 from kubetune_operator import names
 from kubetune_trainer.spec import API_VERSION, GROUP, KIND, NAME_PATTERN, PLURAL, VERSION, FineTuneJob, KubeModel
 from kubetune_trainer.spec._base import Rule
+from kubetune_trainer.spec.plugins import load_plugins
+from kubetune_trainer.spec.strategy import strategy_definitions
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
 SHORT_NAMES = ["ftj"]
@@ -53,6 +55,8 @@ def _model_classes() -> dict[str, type[KubeModel]]:
             visit(getattr(annotation, "__origin__", None))
 
     visit(FineTuneJob)
+    for definition in strategy_definitions():  # settings blocks come from the registry, not from fields
+        visit(definition.settings)
     return found
 
 
@@ -166,7 +170,7 @@ def openapi_schema() -> JsonSchema:
     raw = FineTuneJob.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
     classes = _model_classes()
-    rules_by_name = {name: cls.api_rules for name, cls in classes.items() if cls.api_rules}
+    rules_by_name = {name: cls.rules() for name, cls in classes.items() if cls.rules()}
     schema = _convert({k: v for k, v in raw.items() if k != "$defs"}, defs, rules_by_name)
 
     # Kubernetes owns metadata: only name restrictions may be stated, and only via CEL.
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     check = "--check" in args
     args = [a for a in args if a != "--check"]
     target = (Path(args[0]) if args else Path("crds")) / CRD_FILE_NAME
+    load_plugins()  # a platform's own strategies belong in its CRD
     fresh = render_crd_yaml()
     if check:
         current = target.read_text() if target.exists() else ""

@@ -318,7 +318,7 @@ def run_job(job: FineTuneJob, options: RunOptions, console: Console) -> int:
     local_job, storage = localize_job(job, options)
     spec = local_job.spec
     console.print(
-        f"{local_job.name}: {spec.strategy.type.value} on {spec.model.source}, "
+        f"{local_job.name}: {spec.strategy.type} on {spec.model.source}, "
         f"{spec.resources.nodes} node(s) x {spec.resources.processes()} process(es), storage {storage}",
         markup=False,
     )

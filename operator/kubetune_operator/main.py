@@ -21,6 +21,7 @@ from kubetune_operator.apply import MetricsUrlFn, default_metrics_url
 from kubetune_operator.handlers import Context, configure_kopf, register
 from kubetune_operator.metrics import OperatorMetrics, start_metrics_server
 from kubetune_operator.settings import OperatorSettings, SettingsError, load_settings
+from kubetune_trainer.spec.plugins import load_plugins
 
 logger = logging.getLogger("kubetune.operator")
 
@@ -154,8 +155,9 @@ def run_operator(settings: OperatorSettings | None = None) -> None:
 def main() -> None:
     """``python -m kubetune_operator.main``: exits 2 with the offending variable on bad settings."""
     try:
+        load_plugins()
         settings = load_settings()
-    except SettingsError as error:
+    except (SettingsError, ValueError, ImportError) as error:
         print(f"kubetune-operator: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     run_operator(settings)

@@ -86,6 +86,8 @@ def _succeed(st: WorkingStatus, attempt: AttemptState, job: ResolvedJob) -> None
     if message.evaluation is not None:
         st.data["evaluation"] = dict(message.evaluation)
     st.data["output"] = {"uri": message.output.uri if message.output else job.output_uri}
+    if message.data is not None:
+        st.data["data"] = message.data.model_dump(by_alias=True, mode="json")
     step = message.checkpoint.step if message.checkpoint else None
     if step is not None:
         # The step folder, as status.progress' reader writes it while the job runs: one meaning.

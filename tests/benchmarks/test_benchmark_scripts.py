@@ -93,3 +93,50 @@ def test_trainer_vs_hf_builds_a_valid_job_for_each_strategy(tmp_path: Path) -> N
     assert better["sentences_only_a_right"] == 10
     assert better["sentences_only_b_right"] == 0
     assert 0 < better["ci95_low_points"] < 10 < better["ci95_high_points"]
+
+
+def test_gpu_llm_runs_both_systems_at_a_tiny_size_on_the_cpu(tmp_path: Path) -> None:
+    # The GPU benchmark's code path on a tiny model: the HF Trainer worker, kubetune's pod command,
+    # packing, the steady-state figures and the targets table (whose values need a GPU to mean anything).
+    report = _run(
+        "gpu_llm.py", "--tiny", "--cases", "full-1024,unpacked-1024,packed-1024", "--work", str(tmp_path), timeout=900
+    )
+    results = report["results"]
+    assert results["full-1024"]["hf"]["ok"], results["full-1024"]["hf"]
+    for case, system in (("full-1024", "kubetune"), ("unpacked-1024", "kubetune"), ("packed-1024", "kubetune")):
+        figures = results[case][system]
+        assert figures["ok"], figures
+        assert figures["tokens_per_second"] > 0
+        assert figures["flops_per_token"] == results["full-1024"]["hf"]["flops_per_token"]  # same model, same count
+    targets = report["targets"]
+    assert targets["full_1024_vs_hf"]["value"] > 0
+    assert targets["packed_vs_unpacked_real_tokens"]["value"] > 0
+    assert targets["minilm_samples_per_second"]["met"] is None  # not run
+
+
+def test_gpu_check_skips_its_suite_cleanly_without_cuda(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tests-only"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ENV, "OUT": str(tmp_path)},
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads(result.stdout)["tests"]
+    assert summary["tests"] > 0
+    assert summary["skipped"] == summary["tests"]  # every GPU test skipped, none failed
+
+
+def test_data_pipeline_compares_with_datasets_map_and_measures_reader_memory_and_restart() -> None:
+    report = _run("data_pipeline.py", "--rows", "3000", "--small-rows", "200", "--batches", "40", timeout=900)
+    tokenize = report["tokenize"]
+    assert tokenize["kubetune"]["examples"] == tokenize["datasets_map"]["examples"] == 3000
+    assert tokenize["kubetune"]["how"] == "built"
+    assert tokenize["ratio_kubetune_vs_datasets_map"] > 0
+    assert report["reader"]["big"]["batches"] == report["reader"]["small"]["batches"] == 40
+    assert report["reader"]["ratio_peak_rss_big_vs_small"] > 0
+    assert report["restart"]["tokenization_skipped"] is True
+    assert 0 < report["restart"]["seconds_to_data"] <= report["restart"]["seconds_to_first_step"]

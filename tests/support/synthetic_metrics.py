@@ -40,6 +40,7 @@ _COUNTER_VALUES = {
     "kubetune_trainer_nonfinite_loss_total": 0.0,
     "kubetune_trainer_checkpoint_bytes_total": 2.4e8,
     "kubetune_trainer_checkpoint_fallbacks_total": 0.0,
+    "kubetune_trainer_examples_dropped_total": 12.0,
     "kubetune_operator_restarts_total": 1.0,
     "kubetune_operator_preemptions_total": 3.0,
     "kubetune_operator_pods_force_deleted_total": 1.0,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.spec import STRATEGY_TASKS, StrategyType, Task
+from kubetune_trainer.spec import Task, strategy_definitions
 from tests.support.tiny_models import instruction_rows, lm_rows, ner_rows, sentiment_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
 
@@ -68,13 +68,11 @@ class Case:
         return "gpt2" if self.task == Task.CAUSAL_LM else "bert"
 
 
-# AdaLoRA's rank budget needs full gradients on every rank: the spec rejects it under ZeRO-3.
-ZERO3_UNSUPPORTED = (StrategyType.ADALORA,)
 ALL_CASES = [
-    Case(strategy.value, task.value, stage)
-    for strategy in StrategyType
-    for task in STRATEGY_TASKS[strategy]
-    for stage in ((2,) if strategy in ZERO3_UNSUPPORTED else (2, 3))
+    Case(strategy.name, task.value, stage)
+    for strategy in strategy_definitions()
+    for task in strategy.tasks
+    for stage in ((2, 3) if strategy.zero3 else (2,))
 ] + [
     Case("lora", "causal-lm", 2, "prompt-response"),
     # The regularized objective end to end: L = CE(smoothed) + λ·MLM + λ·L2-SP, dropout override.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kubetune_trainer.data import (
@@ -87,15 +88,20 @@ def test_sampler_is_deterministic_disjoint_and_length_grouped() -> None:
     ranks = [LengthGroupedSampler(lengths, 4, 2, r, seed=3, group_factor=3) for r in (0, 1)]
     assert ranks[0].batches_per_epoch() == ranks[1].batches_per_epoch() == 13
     for epoch in (0, 1):
-        a, b = ranks[0].epoch_batches(epoch), ranks[1].epoch_batches(epoch)
-        assert a == LengthGroupedSampler(lengths, 4, 2, 0, seed=3, group_factor=3).epoch_batches(epoch)
+        a, b = ranks[0].epoch_batches(epoch).tolist(), ranks[1].epoch_batches(epoch).tolist()
+        assert a == LengthGroupedSampler(lengths, 4, 2, 0, seed=3, group_factor=3).epoch_batches(epoch).tolist()
         seen = [i for batch in a + b for i in batch]
         assert set(seen) == set(range(100))  # every example, wrapped to fill the last global batch
         # Within a global batch the lengths are close (sorted windows).
         for x, y in zip(a, b, strict=True):
             spread = max(lengths[i] for i in x + y) - min(lengths[i] for i in x + y)
             assert spread <= 22
-    assert ranks[0].epoch_batches(0) != ranks[0].epoch_batches(1)
+    assert ranks[0].epoch_batches(0).tolist() != ranks[0].epoch_batches(1).tolist()
+    # A million examples: a few bytes each, not a Python object each.
+    big = LengthGroupedSampler(np.arange(1_000_000) % 500 + 1, 8, 4, 3, seed=1)
+    batches = big.epoch_batches(0)
+    assert batches.shape == (31_250, 8)
+    assert batches.dtype == np.int64
 
 
 def test_eval_shards_pad_every_rank_to_the_same_batch_count() -> None:

@@ -62,6 +62,7 @@ def test_endpoint_serves_the_contract_names() -> None:
     assert "kubetune_trainer_samples_total 32.0" in body
     assert 'kubetune_trainer_eval{metric="accuracy"} 0.9' in body
     assert "kubetune_trainer_eta_seconds 3.5" in body
-    # Bounded labels only: component, metric, phase, kind (and the histogram's le).
+    assert 'kubetune_trainer_examples_dropped_total{reason="truncated"} 0.0' in body
+    # Bounded labels only: component, metric, phase, kind, reason (and the histogram's le).
     labels = set(re.findall(r"[{,]([a-z_]+)=", body))
-    assert labels <= {"component", "metric", "phase", "kind", "le"}, labels
+    assert labels <= {"component", "metric", "phase", "kind", "reason", "le"}, labels

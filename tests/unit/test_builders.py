@@ -293,6 +293,7 @@ def publish_trainer_metrics(registry: CollectorRegistry, *, step: int, checkpoin
     loss.labels("task").set(0.29)
     Gauge("kubetune_trainer_tokens_per_second", "tps", registry=registry).set(5400.5)
     Gauge("kubetune_trainer_samples_per_second", "sps", registry=registry).set(42.0)
+    Gauge("kubetune_trainer_model_flops_utilization", "mfu", registry=registry).set(0.4123456)
     Gauge("kubetune_trainer_eta_seconds", "eta", registry=registry).set(3600)
     Counter("kubetune_trainer_tokens_total", "tokens", registry=registry).inc(1e6)
     Histogram("kubetune_trainer_step_seconds", "step", registry=registry).observe(0.2)
@@ -318,6 +319,7 @@ def test_progress_from_a_real_prometheus_endpoint(trainer_endpoint: tuple[str, C
         "loss": 0.31,
         "samplesPerSecond": 42.0,
         "tokensPerSecond": 5400.5,
+        "modelFlopsUtilization": 0.4123,
         "eta": "2026-01-02T04:04:05Z",
         "updated": "2026-01-02T03:04:05Z",
     }

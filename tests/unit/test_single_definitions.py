@@ -177,3 +177,16 @@ def test_the_scan_finds_a_second_definition(snippet: str, rule: str) -> None:
 )
 def test_the_scan_leaves_other_text_alone(snippet: str) -> None:
     assert findings_in(snippet, "x.py") == []
+
+
+def test_architecture_where_to_change_rows_name_at_most_two_existing_code_files() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## Where to change X", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| to change")]
+    assert len(rows) >= 5
+    for row in rows:
+        files = re.findall(r"`([\w./<>-]+\.py)`", row)
+        assert len(files) <= 2, row
+        for name in files:
+            if "<" not in name:  # a new module's name is the one being added
+                assert (ROOT / name).is_file(), name

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kubetune_trainer.config import default_config_path, load_job
 from kubetune_trainer.errors import TrainerError, write_termination
+from kubetune_trainer.spec.plugins import load_plugins
 from kubetune_trainer.spec.runtime import ExitCode
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="trainer config (the FineTuneJob as JSON)")
     args = parser.parse_args(argv)
     try:
+        load_plugins()  # before the job is validated: it may name a plugin's strategy
         job = load_job(args.config or default_config_path())
         from kubetune_trainer.loop import run
 

@@ -1,10 +1,8 @@
-"""Training data: read, validate, tokenize, batch (DESIGN §4.4).
+"""Training data: examples, batches and the resumable sampler (DESIGN §4.4).
 
-* :func:`read_records` reads jsonl / csv / parquet into ``(line, row)`` pairs;
-  every error names the file and the line or field.
-* :func:`encode_records` turns rows into token ids and labels for the task
-  (token-classification labels go to the first sub-token of each word; causal-LM
-  prompt/response rows put the loss on the response only).
+* :class:`Example` is one tokenized example (the token store builds them lazily);
+* :func:`encode_records` tokenizes rows in memory (:mod:`~kubetune_trainer.encoding` does the work;
+  the trainer itself goes through :mod:`~kubetune_trainer.trainingdata` and the token store);
 * :class:`LengthGroupedSampler` yields each rank's micro-batches; its position
   (epoch, batch) is what checkpoints save, so a resumed run sees exactly the
   batches an uninterrupted one would.
@@ -13,19 +11,31 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kubetune_trainer.encoding import IGNORE_INDEX, label_names
 from kubetune_trainer.errors import InvalidData
+from kubetune_trainer.readers import format_of, read_records
 from kubetune_trainer.spec import DatasetSpec, ModelSpec, Task
 
-IGNORE_INDEX = -100
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "LengthGroupedSampler",
+    "collate",
+    "count_tokens",
+    "encode_records",
+    "eval_shards",
+    "infer_format",
+    "label_names",
+    "read_records",
+]
+
 Record = tuple[int, dict[str, Any]]  # (line number or row index, row)
 
 
@@ -38,182 +48,46 @@ class Example:
     token_type_ids: list[int] | None = None
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- reading and encoding
 
 
 def infer_format(name: str, declared: str | None) -> str:
     """The file format: the declared one, else from the extension."""
-    if declared:
-        return declared
-    lowered = name.lower()
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
-        if lowered.endswith(ext):
-            return fmt
-    raise InvalidData(f"{name}: cannot infer the format from the extension; set dataset.format")
-
-
-def read_records(path: Path, *, fmt: str, display: str) -> list[Record]:
-    """Rows of a jsonl / csv / parquet file with their line numbers (1-based; csv counts the header).
-
-    ``display`` is the name used in error messages (the URI the user wrote).
-    """
-    if not path.exists():
-        raise InvalidData(f"{display}: file not found")
-    if fmt == "jsonl":
-        records: list[Record] = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise InvalidData(f"{display} line {number}: invalid JSON ({exc.args[0]})") from exc
-                if not isinstance(row, dict):
-                    raise InvalidData(f"{display} line {number}: expected a JSON object")
-                records.append((number, row))
-        return records
-    if fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            return [(number, dict(row)) for number, row in enumerate(reader, start=2)]
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:
-            raise InvalidData(f"{display}: not a readable parquet file ({exc})") from exc
-        return [(index + 1, row) for index, row in enumerate(table.to_pylist())]
-    raise InvalidData(f"{display}: unsupported format {fmt!r}")
-
-
-def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out ``fraction`` of ``records`` for validation with a seeded shuffle."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)  # noqa: S311 (seeded split, not security)
-    held = max(1, round(len(records) * fraction))
-    val = sorted(order[:held])
-    train = sorted(order[held:])
-    return [records[i] for i in train], [records[i] for i in val]
-
-
-# --------------------------------------------------------------------------- labels
-
-
-def label_names(model: ModelSpec) -> list[str] | None:
-    """Label names in id order, or None for language models."""
-    if model.labels is not None:
-        return list(model.labels)
-    if model.num_labels is not None:
-        return [str(i) for i in range(model.num_labels)]
-    return None
-
-
-def _label_id(value: Any, names: list[str], *, where: str, field: str, explicit: bool) -> int:
-    if isinstance(value, str) and value in names:
-        return names.index(value)
-    if not explicit and isinstance(value, int | str) and not isinstance(value, bool):
-        try:
-            index = int(value)
-        except ValueError:
-            index = -1
-        if 0 <= index < len(names):
-            return index
-    allowed = f"model.labels {names}" if explicit else f"0..{len(names) - 1} (model.numLabels)"
-    raise InvalidData(f"{where}: {field} value {value!r} is not in {allowed}")
-
-
-# --------------------------------------------------------------------------- tokenizing
-
-
-def _field(row: dict[str, Any], name: str, *, where: str, spec_field: str) -> Any:
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise InvalidData(f"{where}: missing field {name!r} ({spec_field})")
-    return value
+    fmt = format_of(name, declared)
+    if fmt is None:
+        raise InvalidData(f"{name}: cannot infer the format from the extension; set dataset.format")
+    return fmt
 
 
 def encode_records(
     records: list[Record], *, tokenizer: Any, model: ModelSpec, dataset: DatasetSpec, display: str
 ) -> list[Example]:
-    """Validate and tokenize rows for the task; raise :class:`InvalidData` naming file, line and field."""
+    """Validate and tokenize rows in memory (small data and tests); the trainer goes through the token store.
+
+    Examples left without a trainable token after truncation are dropped; InvalidData names file, line and field.
+    """
+    from kubetune_trainer import chat
+    from kubetune_trainer.encoding import Encoder, mode_for
+
     if not records:
         raise InvalidData(f"{display}: no examples (empty dataset)")
-    names = label_names(model)
-    explicit = model.labels is not None
-    examples: list[Example] = []
-    for number, row in records:
-        where = f"{display} line {number}"
-        examples.append(_encode_one(row, where, tokenizer, model, dataset, names, explicit))
+    mode = mode_for(model, dataset, records[0][1])
+    template = chat.resolve_template(tokenizer, dataset.chat_template, model.source) if mode == "chat" else None
+    block = Encoder(tokenizer, model, dataset, mode, template).encode(
+        [(f"{display} line {number}", row) for number, row in records]
+    )
+    bounds = np.concatenate([[0], np.cumsum(block.lengths)])
+    examples = []
+    for i in range(len(block.lengths)):
+        start, stop = int(bounds[i]), int(bounds[i + 1])
+        labels: int | list[int] | None = None
+        if block.seq_labels is not None:
+            labels = int(block.seq_labels[i])
+        elif block.labels is not None:
+            labels = block.labels[start:stop].tolist()
+        types = block.token_type_ids[start:stop].tolist() if block.token_type_ids is not None else None
+        examples.append(Example(block.input_ids[start:stop].tolist(), labels, types))
     return examples
-
-
-def _encode_one(
-    row: dict[str, Any],
-    where: str,
-    tokenizer: Any,
-    model: ModelSpec,
-    dataset: DatasetSpec,
-    names: list[str] | None,
-    explicit: bool,
-) -> Example:
-    max_length = dataset.max_length
-    if model.task == Task.SEQUENCE_CLASSIFICATION:
-        assert names is not None
-        text = str(_field(row, dataset.text_field, where=where, spec_field="dataset.textField"))
-        pair = None
-        if dataset.text_pair_field:
-            pair = str(_field(row, dataset.text_pair_field, where=where, spec_field="dataset.textPairField"))
-        if dataset.label_field not in row or row[dataset.label_field] is None:
-            raise InvalidData(f"{where}: missing field {dataset.label_field!r} (dataset.labelField)")
-        label = _label_id(row[dataset.label_field], names, where=where, field=dataset.label_field, explicit=explicit)
-        enc = tokenizer(text, pair, truncation=True, max_length=max_length)
-        return Example(list(enc["input_ids"]), label, _token_types(enc))
-    if model.task == Task.TOKEN_CLASSIFICATION:
-        assert names is not None
-        words = _field(row, dataset.text_field, where=where, spec_field="dataset.textField")
-        tags = row.get(dataset.label_field)
-        if tags is None:
-            raise InvalidData(f"{where}: missing field {dataset.label_field!r} (dataset.labelField)")
-        if isinstance(words, str):
-            words = words.split()
-        if isinstance(tags, str):
-            tags = tags.split()
-        if len(words) != len(tags):
-            raise InvalidData(
-                f"{where}: {dataset.text_field!r} has {len(words)} words but {dataset.label_field!r} "
-                f"has {len(tags)} tags"
-            )
-        tag_ids = [_label_id(tag, names, where=where, field=dataset.label_field, explicit=explicit) for tag in tags]
-        enc = tokenizer([str(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
-        labels: list[int] = []
-        previous: int | None = None
-        for word_id in enc.word_ids():
-            # Only the first sub-token of a word carries its tag; the rest and specials are ignored.
-            labels.append(IGNORE_INDEX if word_id is None or word_id == previous else tag_ids[word_id])
-            previous = word_id
-        return Example(list(enc["input_ids"]), labels, _token_types(enc))
-    if model.task == Task.CAUSAL_LM and dataset.prompt_field:
-        assert dataset.response_field is not None
-        prompt = str(_field(row, dataset.prompt_field, where=where, spec_field="dataset.promptField"))
-        response = str(_field(row, dataset.response_field, where=where, spec_field="dataset.responseField"))
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        prompt_ids = ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-        return Example(ids, labels)
-    # causal-lm plain text, masked-lm: labels are derived from the ids at collate time.
-    text = str(_field(row, dataset.text_field, where=where, spec_field="dataset.textField"))
-    enc = tokenizer(text, truncation=True, max_length=max_length)
-    return Example(list(enc["input_ids"]), None, _token_types(enc))
-
-
-def _token_types(enc: Any) -> list[int] | None:
-    value = enc.get("token_type_ids") if hasattr(enc, "get") else None
-    return list(value) if value is not None else None
 
 
 # --------------------------------------------------------------------------- batching
@@ -223,16 +97,16 @@ def _token_types(enc: Any) -> list[int] | None:
 class LengthGroupedSampler:
     """Distributed, length-grouped micro-batches with a resumable position.
 
-    Each epoch shuffles the indices with ``seed + epoch``, wraps them to a
-    multiple of ``micro_batch_size × world_size`` (every rank gets the same
-    number of batches — collectives stay in step), sorts windows of
-    ``group_factor`` global batches by length (similar lengths share a batch,
-    so padding is small), shuffles the order of the global batches, and gives
-    rank r the r-th slice of each.  Pure: the same arguments give the same
-    batches on every run, which is what makes resume exact.
+    Each epoch permutes the indices with a generator seeded by ``seed + epoch``, wraps them
+    to a multiple of ``micro_batch_size × world_size`` (every rank gets the same number of
+    batches — collectives stay in step), sorts windows of ``group_factor`` global batches by
+    length, longest first (similar lengths share a batch, so padding is small), permutes the
+    order of the global batches, and gives rank r the r-th slice of each.  Pure and in numpy
+    (memory of a few bytes per example, whatever the dataset's size): the same arguments
+    give the same batches on every run, which is what makes resume exact.
     """
 
-    lengths: Sequence[int]
+    lengths: Sequence[int] | np.ndarray
     micro_batch_size: int
     world_size: int
     rank: int
@@ -245,28 +119,23 @@ class LengthGroupedSampler:
         global_batch = self.micro_batch_size * self.world_size
         return max(1, math.ceil(len(self.lengths) / global_batch))
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of example indices) for ``epoch``."""
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """This rank's micro-batches for ``epoch``: a (batches × micro-batch size) array of example indices."""
         n = len(self.lengths)
         global_batch = self.micro_batch_size * self.world_size
-        rng = random.Random(self.seed + epoch)  # noqa: S311 (seeded sampler, not security)
-        order = list(range(n))
-        if self.shuffle:
-            rng.shuffle(order)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
         total = self.batches_per_epoch() * global_batch
-        order = [order[i % n] for i in range(total)]
+        order = order[np.arange(total) % n]
         if self.shuffle:
-            window = global_batch * self.group_factor
-            grouped: list[int] = []
-            for start in range(0, total, window):
-                chunk = order[start : start + window]
-                grouped.extend(sorted(chunk, key=lambda i: -self.lengths[i]))
-            order = grouped
-        globals_ = [order[i : i + global_batch] for i in range(0, total, global_batch)]
+            lengths = np.asarray(self.lengths, dtype=np.int64)[order]
+            window = np.arange(total) // (global_batch * self.group_factor)
+            order = order[np.lexsort((-lengths, window))]  # by window, then longest first (stable)
+        globals_ = order.reshape(-1, global_batch)
         if self.shuffle:
-            rng.shuffle(globals_)
+            globals_ = globals_[rng.permutation(len(globals_))]
         start = self.rank * self.micro_batch_size
-        return [g[start : start + self.micro_batch_size] for g in globals_]
+        return globals_[:, start : start + self.micro_batch_size]
 
 
 def eval_shards(n: int, *, micro_batch_size: int, world_size: int, rank: int) -> list[list[int]]:

@@ -74,8 +74,15 @@ class Placement:
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def from_host(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Host numbers as a device tensor (a small copy, no sync)."""
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=False)
+        """Host numbers as a device tensor without waiting for the device.
+
+        A blocking copy from pageable memory makes torch synchronize the stream, i.e. wait for
+        every kernel queued so far; from pinned memory the copy just joins the queue.
+        """
+        host = torch.tensor(values, dtype=dtype)
+        if not self.accelerated:
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def synchronize(self) -> None:
         """Wait for queued device work (timing edges only; never per micro-step)."""

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune_trainer.flops import flops_per_token
 from kubetune_trainer.lm_loss import LossHead, install_loss_head
 from kubetune_trainer.session import Session, seed_everything
-from kubetune_trainer.spec import FineTuneJobSpec, StrategyType, Task
+from kubetune_trainer.spec import FineTuneJobSpec, Task
 from kubetune_trainer.strategies.base import Prepared
 
 
@@ -69,8 +69,8 @@ def build_model(
     if aux is not None and aux.weight > 0:
         from kubetune_trainer.auxiliary import attach
 
-        train_head = spec.strategy.type in (StrategyType.FULL, StrategyType.PARTIAL)
-        model = attach(model, backbone_dir, aux.type, train_head=train_head)
+        # The LM head trains with strategies that update pretrained weights, stays frozen with adapters.
+        model = attach(model, backbone_dir, aux.type, train_head=spec.strategy.definition().trains_backbone)
     loss_head = None
     if spec.model.task in (Task.CAUSAL_LM, Task.MASKED_LM):
         loss_head = install_loss_head(model, spec.objective.label_smoothing)

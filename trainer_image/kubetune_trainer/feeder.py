@@ -168,7 +168,7 @@ class Feeder:
     placement: Placement
     prefetch: int = 0  # batches prepared ahead on a background thread (GPU runs)
     _epoch: int = field(default=-1, init=False, repr=False)
-    _epoch_batches: list[list[int]] = field(default_factory=list, init=False, repr=False)
+    _epoch_batches: Any = field(default_factory=list, init=False, repr=False)  # the sampler's index array
     _ahead: deque[tuple[int, Future[Batch]]] = field(default_factory=deque, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 

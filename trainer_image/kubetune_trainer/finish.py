@@ -8,17 +8,18 @@ from typing import TYPE_CHECKING, Any
 from kubetune_trainer import publish
 from kubetune_trainer.config import spec_hash
 from kubetune_trainer.errors import write_termination
+from kubetune_trainer.spec.layout import checkpoint_step_uri, default_output_uri
 
 if TYPE_CHECKING:
     from kubetune_trainer.loop import Trainer
 
 
 def output_uri(trainer: Trainer) -> str | None:
-    """Where the model goes: ``output.uri``, else ``<checkpoint.uri>/output``."""
+    """Where the model goes: ``output.uri`` (the operator always resolves it), else the layout's default."""
     spec = trainer.spec
     if spec.output.uri:
         return spec.output.uri
-    return f"{spec.checkpoint.uri.rstrip('/')}/output" if spec.checkpoint.uri else None
+    return default_output_uri(spec.checkpoint.uri) if spec.checkpoint.uri else None
 
 
 def metrics_document(trainer: Trainer, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -37,10 +38,11 @@ def metrics_document(trainer: Trainer, evaluation: dict[str, Any]) -> dict[str, 
         "throughput": throughput,
         "worldSize": trainer.session.world_size,
         "device": trainer.session.placement.name(),
-        "strategy": spec.strategy.type.value,
+        "strategy": spec.strategy.type,
         "task": spec.model.task.value,
         "specHash": spec_hash(trainer.job),
         "publishedAs": built.prepared.publish_as,
+        "data": trainer.data_report.to_json() if trainer.data_report is not None else None,
     }
 
 
@@ -65,11 +67,15 @@ def publish_run(trainer: Trainer, evaluation: dict[str, Any]) -> None:
     if destination:
         publish.upload(publish_dir, destination, endpoint=spec.checkpoint.endpoint, region=spec.checkpoint.region)
     extra: dict[str, Any] = {"step": state.step, "evaluation": evaluation}
+    if trainer.data_report is not None:
+        report = trainer.data_report.to_json()
+        extra["data"] = {"examples": report["examples"], "dropped": report["dropped"]}
     if destination:
         extra["output"] = {"uri": destination}
     committed = trainer.checkpoints.committed_step
-    if committed is not None:
-        extra["checkpoint"] = {"uri": spec.checkpoint.uri, "step": committed}
+    if committed is not None and spec.checkpoint.uri:
+        # The step folder: what status.checkpoint.uri means (spec/status.py).
+        extra["checkpoint"] = {"uri": checkpoint_step_uri(spec.checkpoint.uri, committed), "step": committed}
     message = f"trained {state.step} steps; published to {destination}"
     if state.resumed_from is not None:
         extra["resumedFrom"] = state.resumed_from

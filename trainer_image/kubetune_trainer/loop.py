@@ -27,14 +27,14 @@ from kubetune_trainer import data as data_mod
 from kubetune_trainer.config import spec_hash
 from kubetune_trainer.device import is_out_of_memory
 from kubetune_trainer.engine import TrainableModel, build_model, start_engine
-from kubetune_trainer.errors import InvalidSpec, NonFiniteLoss, OutOfMemory, write_termination
+from kubetune_trainer.errors import NonFiniteLoss, OutOfMemory, write_termination
 from kubetune_trainer.evaluator import Evaluator
 from kubetune_trainer.feeder import Feeder, batcher_for
 from kubetune_trainer.losses import Objective
 from kubetune_trainer.progress import Checkpoints, TrainState, early_stopping_for
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.session import Session, seed_everything, start_session, work_dir
-from kubetune_trainer.spec import FineTuneJob, FineTuneJobSpec, StrategyType
+from kubetune_trainer.spec import FineTuneJob, FineTuneJobSpec
 from kubetune_trainer.spec.runtime import ExitCode
 from kubetune_trainer.step import StepStats, TrainStep
 
@@ -50,14 +50,6 @@ class _Sigterm:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = True
-
-
-def _validate_supported(spec: FineTuneJobSpec) -> None:
-    if spec.strategy.type == StrategyType.ADALORA and spec.deepspeed.zero_stage == 3:
-        raise InvalidSpec(
-            "strategy.type adalora needs full parameters and gradients on every rank for its budget "
-            "update; use deepspeed.zeroStage 0, 1 or 2"
-        )
 
 
 @contextlib.contextmanager
@@ -82,7 +74,6 @@ def _out_of_memory_is_permanent(spec: FineTuneJobSpec) -> Iterator[None]:
 def run(job: FineTuneJob) -> ExitCode:
     """Train one rank of the job; returns the process exit code (raises TrainerError on known failures)."""
     spec = job.spec
-    _validate_supported(spec)
     sigterm = _Sigterm()
     session = start_session()
     with _out_of_memory_is_permanent(spec):
@@ -116,6 +107,7 @@ class Trainer:
     total_steps: int
     accumulation: int
     started: float
+    data_report: Any = None  # trainingdata.DataReport: examples and drops, for kubetune-metrics.json
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -307,13 +299,15 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
     if session.local_rank == 0:
         metrics.serve()
     inputs = _inputs(spec, session, scratch)
+    if inputs.data.report is not None and session.local_rank == 0:
+        metrics.record_dropped(inputs.data.report.dropped())
     built = build_model(
         spec, inputs.backbone_dir, inputs.labels, ds_config=inputs.ds_config, total_steps=inputs.total_steps
     )
     metrics.trainable_parameters.set(built.trainable)
     metrics.parameters.set(built.total)
     metrics.total_steps.set(inputs.total_steps)
-    session.log(f"strategy {spec.strategy.type.value}: {built.trainable:,} trainable of {built.total:,} parameters")
+    session.log(f"strategy {spec.strategy.type}: {built.trainable:,} trainable of {built.total:,} parameters")
     engine = start_engine(built, spec, inputs.ds_config, session)
     seed_everything(spec.training.seed + 7919 * session.rank)  # dropout differs per rank, reproducibly
     objective = Objective(
@@ -353,4 +347,5 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
         inputs.total_steps,
         inputs.accumulation,
         started,
+        data_report=inputs.data.report,
     )

@@ -47,8 +47,17 @@ class TrainerMetrics:
         self.memory_bytes = m.instrument(m.ACCELERATOR_MEMORY_BYTES, r)
         self.trainable_parameters = m.instrument(m.TRAINABLE_PARAMETERS, r)
         self.parameters = m.instrument(m.PARAMETERS, r)
+        self.examples_dropped_total = m.instrument(m.EXAMPLES_DROPPED_TOTAL, r)
         for component in m.LOSS_COMPONENTS:
             self.loss.labels(component=component)
+        for reason in m.EXAMPLES_DROPPED_TOTAL.labels["reason"]:
+            self.examples_dropped_total.labels(reason=reason)
+
+    def record_dropped(self, dropped: dict[str, int]) -> None:
+        """Count the examples the data pipeline dropped, by reason (once per attempt)."""
+        for reason, count in dropped.items():
+            if count:
+                self.examples_dropped_total.labels(reason=reason).inc(count)
 
     def serve(self, port: int | None = None) -> int:
         """Start the HTTP endpoint (``KUBETUNE_METRICS_PORT``, default 9400); returns the port."""

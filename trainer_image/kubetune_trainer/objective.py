@@ -283,7 +283,9 @@ def l2sp_penalty(named_params: Iterable[tuple[str, Tensor]], anchors: Mapping[st
     pretrained weights.  Raises on ZeRO-3-partitioned parameters.
     """
     total: Tensor | None = None
+    device: torch.device | None = None
     for name, param in named_params:
+        device = device or param.device
         anchor = anchors.get(name)
         if anchor is None:
             continue
@@ -295,8 +297,8 @@ def l2sp_penalty(named_params: Iterable[tuple[str, Tensor]], anchors: Mapping[st
             )
         term = (param.float() - anchor.to(device=param.device, dtype=torch.float32)).pow(2).sum()
         total = term if total is None else total + term
-    if total is None:
-        return torch.zeros((), dtype=torch.float32)
+    if total is None:  # on the parameters' device: a host zero would be copied over at every step
+        return torch.zeros((), dtype=torch.float32, device=device)
     return total
 
 

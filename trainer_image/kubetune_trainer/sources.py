@@ -1,4 +1,4 @@
-"""Resolve a backbone or data URI to a local path (DESIGN §4.2).
+"""Resolve a backbone URI to a local path (DESIGN §4.2); data sources are :mod:`~kubetune_trainer.datasources`.
 
 Local URIs (``file://``, ``pvc://CLAIM/PATH``, plain paths: see
 :func:`kubetune_trainer.storage.local_path`) are used in place, ``hf://ORG/NAME``

@@ -67,6 +67,7 @@ class TrainStep:
         *,
         accumulation: int,
         hook: StepHook | None = None,
+        lag: int | None = None,
     ) -> None:
         self.engine = engine
         self.objective = objective
@@ -74,7 +75,8 @@ class TrainStep:
         self.session = session
         self.accumulation = accumulation
         self.hook = hook
-        self.lag = 1 if session.placement.accelerated else 0
+        # Steps whose statistics stay unread: one on a GPU (its queue never drains), none on a CPU.
+        self.lag = lag if lag is not None else (1 if session.placement.accelerated else 0)
         self._in_flight: deque[_InFlight] = deque()
         self._last_done: float | None = None
 

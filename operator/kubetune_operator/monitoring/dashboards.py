@@ -243,13 +243,20 @@ def training() -> Dashboard:
                         "Learning rate",
                         "Learning rate of the last step (after warmup and schedule).",
                         (Query(f"max({trainer(m.LEARNING_RATE.name)})", "lr"),),
-                        width=12,
+                        width=8,
                     ),
                     Panel(
                         "Gradient norm",
                         "Global gradient norm before clipping.",
                         (Query(f"max({trainer(m.GRAD_NORM.name)})", "grad norm"),),
-                        width=12,
+                        width=8,
+                    ),
+                    Panel(
+                        "Dropped examples",
+                        "Examples dropped at tokenization because truncation left no trainable token, by reason "
+                        "(the job fails above dataset.maxDroppedFraction).",
+                        (Query(f"max by (reason) ({trainer(m.EXAMPLES_DROPPED_TOTAL.name)})", "{{reason}}"),),
+                        width=8,
                     ),
                 ),
             ),

@@ -34,8 +34,6 @@ from kubetune_trainer.spec.status import (
     Progress,
 )
 from kubetune_trainer.spec.strategy import (
-    PEFT_MERGEABLE,
-    STRATEGY_TASKS,
     AdaLoraConfig,
     AdapterConfig,
     Ia3Config,
@@ -43,8 +41,11 @@ from kubetune_trainer.spec.strategy import (
     PartialConfig,
     PrefixConfig,
     PromptConfig,
+    StrategyDefinition,
     StrategySpec,
-    StrategyType,
+    register_strategy,
+    strategy_definition,
+    strategy_definitions,
 )
 from kubetune_trainer.spec.training import (
     LM_METRICS,
@@ -66,9 +67,7 @@ __all__ = [
     "LANGUAGE_MODEL_TASKS",
     "LM_METRICS",
     "NAME_PATTERN",
-    "PEFT_MERGEABLE",
     "PLURAL",
-    "STRATEGY_TASKS",
     "VERSION",
     "AdaLoraConfig",
     "AdapterConfig",
@@ -102,9 +101,12 @@ __all__ = [
     "ResourcesSpec",
     "Rule",
     "RunPolicy",
+    "StrategyDefinition",
     "StrategySpec",
-    "StrategyType",
     "Task",
     "Toleration",
     "TrainingSpec",
+    "register_strategy",
+    "strategy_definition",
+    "strategy_definitions",
 ]

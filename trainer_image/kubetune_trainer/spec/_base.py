@@ -24,7 +24,20 @@ from pydantic_core import PydanticCustomError
 # spec value can never smuggle credentials or shell syntax into a pod.
 _SAFE_URI_CHARS = r"[A-Za-z0-9._~/%+=,:-]"
 URI_PATTERN = rf"^(hf|s3|pvc|file)://{_SAFE_URI_CHARS}+$"
-DATA_URI_PATTERN = rf"^((hf|s3|pvc|file)://{_SAFE_URI_CHARS}+|[A-Za-z0-9._~/%+=,-]+)$"
+# Data sources: one file, a folder (trailing '/'), or a glob ('*' within a path segment, '**' across
+# segments, '?' one character) on s3://, pvc://, file:// or a plain path; the bucket or claim itself is
+# never a glob.  Hugging Face datasets only as hf://datasets/[OWNER/]NAME[@REVISION]: the '@' is allowed
+# there alone, after a '/', so it can never be read as user:password@host.
+_PATH_CHARS = r"[A-Za-z0-9._~%+=,:*?-]"
+_PLAIN_CHARS = r"[A-Za-z0-9._~%+=,*?-]"  # no ':': a plain path never looks like a scheme
+_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_HF_DATASET = rf"hf://datasets/({_HF_NAME}/)?{_HF_NAME}(@[A-Za-z0-9._/-]+)?"
+_STORE_DATA = (
+    rf"(s3|pvc)://[A-Za-z0-9._~%+=,:-]+(/{_PATH_CHARS}*)*|file:///?{_PATH_CHARS}+(/{_PATH_CHARS}*)*|"
+    rf"/?{_PLAIN_CHARS}+(/{_PLAIN_CHARS}*)*"
+)
+HF_DATASET_URI_PATTERN = rf"^{_HF_DATASET}$"
+DATA_URI_PATTERN = rf"^({_HF_DATASET}|{_STORE_DATA})$"
 STORAGE_URI_PATTERN = rf"^(s3|pvc|file)://{_SAFE_URI_CHARS}+$"
 ENDPOINT_PATTERN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?$"
 DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -90,9 +103,19 @@ class KubeModel(BaseModel):
     # Cross-field rules that apply to this model.
     api_rules: ClassVar[tuple[Rule, ...]] = ()
 
+    @classmethod
+    def dynamic_rules(cls) -> tuple[Rule, ...]:
+        """Rules computed when asked (from a registry) rather than stated in ``api_rules``."""
+        return ()
+
+    @classmethod
+    def rules(cls) -> tuple[Rule, ...]:
+        """Every cross-field rule of this model: ``api_rules`` and the dynamic ones."""
+        return cls.api_rules + cls.dynamic_rules()
+
     @model_validator(mode="after")
     def _check_rules(self) -> KubeModel:
-        for rule in type(self).api_rules:
+        for rule in type(self).rules():
             if rule.transition:
                 continue
             if not rule.check(self):

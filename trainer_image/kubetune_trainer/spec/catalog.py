@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 # Through the package (not a section module): the API models may move between its modules.
 from kubetune_trainer.spec import Metric, Phase
+from kubetune_trainer.spec.data import DROP_REASONS
 
 MetricType = Literal["gauge", "counter", "histogram"]
 
@@ -145,6 +146,12 @@ ACCELERATOR_MEMORY_BYTES = MetricSpec(
     {"kind": MEMORY_KINDS},
     unit="bytes",
 )
+EXAMPLES_DROPPED_TOTAL = MetricSpec(
+    "kubetune_trainer_examples_dropped_total",
+    "counter",
+    "Examples dropped at tokenization because no trainable token was left, by reason.",
+    {"reason": DROP_REASONS},
+)
 TRAINABLE_PARAMETERS = MetricSpec("kubetune_trainer_trainable_parameters", "gauge", "Parameters the optimizer updates.")
 PARAMETERS = MetricSpec("kubetune_trainer_parameters", "gauge", "Parameters of the model.")
 
@@ -212,6 +219,7 @@ TRAINER_METRICS: tuple[MetricSpec, ...] = (
     CHECKPOINT_TIMESTAMP,
     CHECKPOINT_FALLBACKS_TOTAL,
     ACCELERATOR_MEMORY_BYTES,
+    EXAMPLES_DROPPED_TOTAL,
     TRAINABLE_PARAMETERS,
     PARAMETERS,
 )

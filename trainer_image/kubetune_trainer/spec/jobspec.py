@@ -11,7 +11,7 @@ from kubetune_trainer.spec.artifacts import CheckpointSpec, OutputSpec, RunPolic
 from kubetune_trainer.spec.data import DatasetSpec
 from kubetune_trainer.spec.model import CLASSIFICATION_TASKS, LANGUAGE_MODEL_TASKS, ModelSpec, Task
 from kubetune_trainer.spec.resources import DeepSpeedSpec, ResourcesSpec
-from kubetune_trainer.spec.strategy import PEFT_MERGEABLE, STRATEGY_TASKS, StrategySpec, StrategyType
+from kubetune_trainer.spec.strategy import StrategySpec, strategy_job_rules
 from kubetune_trainer.spec.training import LM_METRICS, ObjectiveSpec, TrainingSpec
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "loss")
@@ -45,28 +45,6 @@ class FineTuneJobSpec(KubeModel):
     api_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             cel=(
-                "self.strategy.type != 'prefix' || self.model.task in "
-                + cel_list(tuple(t.value for t in STRATEGY_TASKS[StrategyType.PREFIX]))
-            ),
-            message="prefix tuning supports causal-lm only (use prompt or lora for classification)",
-            field="strategy.type",
-            check=lambda s: (
-                s.strategy.type != StrategyType.PREFIX or s.model.task in STRATEGY_TASKS[StrategyType.PREFIX]
-            ),
-        ),
-        Rule(
-            cel=(
-                "self.strategy.type != 'prompt' || self.model.task in "
-                + cel_list(tuple(t.value for t in STRATEGY_TASKS[StrategyType.PROMPT]))
-            ),
-            message="prompt tuning supports sequence-classification and causal-lm",
-            field="strategy.type",
-            check=lambda s: (
-                s.strategy.type != StrategyType.PROMPT or s.model.task in STRATEGY_TASKS[StrategyType.PROMPT]
-            ),
-        ),
-        Rule(
-            cel=(
                 "!has(self.objective.auxiliary) || "
                 "self.model.task in ['sequence-classification', 'token-classification']"
             ),
@@ -75,22 +53,10 @@ class FineTuneJobSpec(KubeModel):
             check=lambda s: s.objective.auxiliary is None or s.model.task in CLASSIFICATION_TASKS,
         ),
         Rule(
-            cel="self.strategy.type != 'adalora' || self.deepspeed.zeroStage != 3",
-            message="adalora's rank budget needs full parameters and gradients on every rank; use zeroStage 0-2",
-            field="strategy.type",
-            check=lambda s: s.strategy.type != StrategyType.ADALORA or s.deepspeed.zero_stage != 3,
-        ),
-        Rule(
             cel="self.objective.regularization.l2sp == 0.0 || self.deepspeed.zeroStage != 3",
             message="l2sp needs the full parameters on every rank; use zeroStage 0, 1 or 2",
             field="objective.regularization.l2sp",
             check=lambda s: s.objective.regularization.l2sp == 0.0 or s.deepspeed.zero_stage != 3,
-        ),
-        Rule(
-            cel="!self.output.mergeAdapter || self.strategy.type in ['lora', 'adalora', 'ia3']",
-            message="mergeAdapter applies to lora, adalora and ia3 only",
-            field="output.mergeAdapter",
-            check=lambda s: not s.output.merge_adapter or s.strategy.type in PEFT_MERGEABLE,
         ),
         Rule(
             cel=(
@@ -124,6 +90,12 @@ class FineTuneJobSpec(KubeModel):
             check=lambda s: s.dataset.prompt_field is None or s.model.task == Task.CAUSAL_LM,
         ),
         Rule(
+            cel="!has(self.dataset.chatTemplate) || self.model.task == 'causal-lm'",
+            message="chatTemplate applies to causal-lm only",
+            field="dataset.chatTemplate",
+            check=lambda s: s.dataset.chat_template is None or s.model.task == Task.CAUSAL_LM,
+        ),
+        Rule(
             cel=(
                 "self.training.precision != 'fp16' || "
                 "('nvidia.com/gpu' in self.resources.requests) || ('nvidia.com/gpu' in self.resources.limits)"
@@ -138,6 +110,11 @@ class FineTuneJobSpec(KubeModel):
         ),
         *(_immutable_rule(name) for name in IMMUTABLE_SPEC_FIELDS),
     )
+
+    @classmethod
+    def dynamic_rules(cls) -> tuple[Rule, ...]:
+        """The registry's rules: which tasks each strategy supports, ZeRO-3, mergeable adapters."""
+        return strategy_job_rules()
 
     model: ModelSpec = Field(description="The pretrained backbone and the task.")
     dataset: DatasetSpec = Field(description="Training and validation data.")

@@ -8,6 +8,7 @@ functions instead of formatting the strings themselves::
     <checkpoint.uri>/checkpoints/step-00000500/MANIFEST.json written last
     <checkpoint.uri>/checkpoints/LATEST                      names the newest committed step folder
     <checkpoint.uri>/output                                  the published model unless output.uri is set
+    <checkpoint.uri>/tokens/<key>/                           the tokenized data, reused by every attempt
 
 ``pvc://CLAIM/PATH`` is the file ``PATH`` on claim ``CLAIM``, which pods mount at
 ``<PVC root>/CLAIM`` (:data:`~kubetune_trainer.spec.runtime.DEFAULT_PVC_ROOT`).
@@ -23,6 +24,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINTS_PREFIX = f"{CHECKPOINTS_DIR}/"
 LATEST_KEY = f"{CHECKPOINTS_DIR}/LATEST"
 OUTPUT_DIR = "output"
+TOKENS_DIR = "tokens"
 PVC_SCHEME = "pvc"
 
 _STEP_PREFIX = "step-"
@@ -61,6 +63,12 @@ def checkpoint_step_uri(checkpoint_uri: str, step: int) -> str:
 def default_output_uri(checkpoint_uri: str) -> str:
     """Where the model is published when ``spec.output.uri`` is not set: ``<checkpoint.uri>/output``."""
     return join_uri(checkpoint_uri, OUTPUT_DIR)
+
+
+def token_cache_uri(checkpoint_uri: str, key: str) -> str:
+    """Where the token store of the data keyed ``key`` is kept, next to the checkpoints:
+    ``<checkpoint.uri>/tokens/<key>`` (outside ``checkpoints/``, so retention never deletes it)."""
+    return join_uri(checkpoint_uri, TOKENS_DIR, key)
 
 
 def job_uri(prefix: str, namespace: str, name: str) -> str:

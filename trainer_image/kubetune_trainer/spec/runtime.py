@@ -49,6 +49,7 @@ ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # where pvc://CLAIM/... volumes are mounted
 ENV_JOB_UID = "KUBETUNE_JOB_UID"  # the FineTuneJob's uid: checkpoints of this very job always resume
+ENV_PLUGINS = "KUBETUNE_PLUGINS"  # modules that register strategies or storage schemes (platform configuration)
 
 CONFIG_MOUNT_DIR = "/etc/kubetune"
 CONFIG_FILE_NAME = "job.json"

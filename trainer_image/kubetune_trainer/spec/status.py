@@ -137,6 +137,18 @@ class OutputStatus(KubeModel):
     uri: str | None = Field(default=None, description="URI of the published model.")
 
 
+class DataStatus(KubeModel):
+    """What the trainer's data pipeline gave, from the finished attempt's termination message."""
+
+    examples: dict[str, int] | None = Field(
+        default=None, description="Examples trained and evaluated on, by source (train, validation)."
+    )
+    dropped: dict[str, int] | None = Field(
+        default=None,
+        description="Examples dropped at tokenization because no trainable token was left, by reason.",
+    )
+
+
 class FineTuneJobStatus(KubeModel):
     """Observed state of a FineTuneJob."""
 
@@ -157,4 +169,5 @@ class FineTuneJobStatus(KubeModel):
     checkpoint: CheckpointStatus | None = Field(default=None, description="Newest committed checkpoint.")
     evaluation: dict[str, float] | None = Field(default=None, description="Latest evaluation metrics.")
     output: OutputStatus | None = Field(default=None, description="The published model.")
+    data: DataStatus | None = Field(default=None, description="Examples used and dropped (set when the job succeeds).")
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")

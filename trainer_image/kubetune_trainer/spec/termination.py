@@ -51,6 +51,13 @@ class CheckpointFallback(_Wire):
     to_step: int | None = Field(default=None, validation_alias=AliasChoices("to", "toStep"), serialization_alias="to")
 
 
+class DataCounts(_Wire):
+    """What the data pipeline gave: examples per source ("train", "validation") and drops by reason."""
+
+    examples: dict[str, int] = Field(default_factory=dict)
+    dropped: dict[str, int] = Field(default_factory=dict)
+
+
 class TerminationMessage(_Wire):
     """One trainer pod's last word: why it ended, and on success what it produced."""
 
@@ -63,6 +70,7 @@ class TerminationMessage(_Wire):
     checkpoint: CheckpointRef | None = None
     resumed_from: int | None = Field(default=None, description="The step this attempt resumed from.")
     checkpoint_fallback: CheckpointFallback | None = None
+    data: DataCounts | None = Field(default=None, description="Examples trained on and dropped at tokenization.")
 
     @field_validator("message", mode="before")
     @classmethod

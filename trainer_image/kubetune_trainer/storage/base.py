@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -45,10 +45,15 @@ class StorageError(Exception):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: its key relative to the store root, and its size in bytes."""
+    """One stored object: its key relative to the store root, and its size in bytes.
+
+    ``version`` changes whenever the content does (S3: the ETag; local files: the modification time in
+    nanoseconds); listings fill it, it is left out of comparisons.
+    """
 
     key: str
     size: int
+    version: str = field(default="", compare=False)
 
 
 class Upload(Protocol):

@@ -98,7 +98,8 @@ class LocalStore:
             key = (start.relative_to(self.root) / rel).as_posix() if start != self.root else rel
             if key.startswith(prefix):
                 with contextlib.suppress(FileNotFoundError):  # deleted while we walked
-                    out.append(ObjectInfo(key, path.stat().st_size))
+                    stat = path.stat()
+                    out.append(ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns)))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:

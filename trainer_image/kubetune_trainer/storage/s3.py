@@ -182,7 +182,10 @@ class S3Store:
             out: builtins.list[ObjectInfo] = []
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                out.extend(ObjectInfo(self._rel(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
+                out.extend(
+                    ObjectInfo(self._rel(o["Key"]), int(o["Size"]), str(o.get("ETag", "")).strip('"'))
+                    for o in page.get("Contents", [])
+                )
             return sorted(out, key=lambda o: o.key)
 
         return self._call(f"list {prefix or '/'}", fetch)

@@ -172,3 +172,10 @@ def make(builder: Any, name: str) -> Any:
 
     apply.__doc__ = f"Wrap the model with PEFT {name}."
     return apply
+
+
+apply_lora = make(lora_config, "lora")
+apply_adalora = make(adalora_config, "adalora")
+apply_ia3 = make(ia3_config, "ia3")
+apply_prefix = make(prefix_config, "prefix")
+apply_prompt = make(prompt_config, "prompt")
