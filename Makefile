@@ -7,8 +7,10 @@ PY ?= .venv/bin/python
 SRC_PATH := PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
 VENV_STAMP := .venv/.installed-stamp
 # CI runs everything but the `slow` marker (real pretrained model on real data, long resume
-# runs, real-run dashboards); `make test-slow` runs those.
-PYTEST_ARGS ?= -m "not slow"
+# runs, real-run dashboards); `make test-slow` runs those.  The order is the file order here
+# (-p no:randomly keeps CI reproducible); `make test-random` shuffles it with pytest-randomly.
+PYTEST_ARGS ?= -m "not slow" -p no:randomly
+RANDOM_SEEDS ?= 1 2 3
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -61,6 +63,16 @@ lint: venv ## ruff, formatting, mypy and the import-layer contracts
 test: venv system-deps lint verify ## everything CI runs: lint, verify, the test suite (without `slow`)
 	$(SRC_PATH) $(PY) -m pytest $(PYTEST_ARGS) --durations=25
 
+test-random: venv system-deps ## the CI suite in random orders (pytest-randomly), one run per seed in RANDOM_SEEDS
+	set -e; for seed in $(RANDOM_SEEDS); do \
+	  $(SRC_PATH) $(PY) -m pytest -m "not slow" -p randomly -p no:cacheprovider --randomly-seed=$$seed; \
+	done
+
+test-alone: venv system-deps ## every test module in its own pytest process (no module relies on another)
+	set -e; for module in $$(find tests -name 'test_*.py' -not -path 'tests/gpu/*' | sort); do \
+	  echo "== $$module"; $(SRC_PATH) $(PY) -m pytest -m "not slow" -p no:randomly -q "$$module" || [ $$? = 5 ]; \
+	done
+
 test-slow: venv system-deps ## the slow tests: MiniLM on MR, resume equivalence, 1→2 ranks, real-run dashboards
 	$(SRC_PATH) $(PY) -m pytest -m slow --durations=25
 
@@ -86,4 +98,4 @@ gpu-check: ## the GPU test suite and the GPU benchmark (kubetune vs HF Trainer),
 gpu-assets: venv ## write .gpu/ (wheels, MiniLM, MR) that an offline GPU machine needs for gpu-check
 	$(SRC_PATH) $(PY) benchmarks/gpu_assets.py
 
-.PHONY: help venv system-deps crds chart generate verify images lint test test-slow demo bench gpu-check gpu-assets
+.PHONY: help venv system-deps crds chart generate verify images lint test test-random test-alone test-slow demo bench gpu-check gpu-assets
