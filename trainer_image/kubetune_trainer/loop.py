@@ -249,8 +249,7 @@ def _inputs(spec: FineTuneJobSpec, session: Session, scratch: Path) -> _Inputs:
     backbone_dir = resolve_backbone(
         spec.model.source,
         work_dir=scratch,
-        local_rank=session.local_rank,
-        barrier=session.barrier,
+        local_rank_zero_first=session.local_rank_zero_first,
         endpoint=spec.checkpoint.endpoint,
         region=spec.checkpoint.region,
         revision=spec.model.revision,

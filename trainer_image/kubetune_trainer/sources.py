@@ -60,41 +60,38 @@ def resolve_backbone(
     uri: str,
     *,
     work_dir: Path,
-    local_rank: int,
-    barrier: Callable[[], None],
+    local_rank_zero_first: Callable[[Callable[[], None]], None],
     endpoint: str | None = None,
     region: str | None = None,
     revision: str | None = None,
 ) -> Path:
     """Return a local directory with the backbone in Hugging Face format.
 
-    Collective: every rank must call it (they all pass ``barrier``).  Local
-    rank 0 downloads remote sources (skipped when a previous attempt on this
-    node completed the download); the others wait.
+    Collective: every rank must call it, passing the session's ``local_rank_zero_first``.  Local
+    rank 0 downloads remote sources (skipped when a previous attempt on this node completed the
+    download); the others wait for it, then look for the completion marker.
     """
     path = local_path(uri)
     if path is not None:
-        barrier()
+        local_rank_zero_first(lambda: None)  # keep every rank's collectives in step
         if not path.exists():
             raise InvalidModel(f"model.source {uri}: {path} does not exist")
         return path
     target = cache_dir_for(uri, work_dir)
-    error: Exception | None = None
-    if local_rank == 0 and not (target / DONE_MARKER).exists():
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            if storage.scheme_of(uri) == HF_SCHEME:
-                _download_hf(uri, target, revision)
-            elif storage.scheme_of(uri) in storage.schemes():
-                _download_store(uri, target, endpoint, region)
-            else:
-                raise InvalidModel(f"model.source {uri}: unsupported scheme")
-            (target / DONE_MARKER).touch()
-        except Exception as exc:
-            error = exc
-    barrier()  # everyone waits for the node's download (or its failure) before looking
-    if error is not None:
-        raise error
+
+    def download() -> None:
+        if (target / DONE_MARKER).exists():
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        if storage.scheme_of(uri) == HF_SCHEME:
+            _download_hf(uri, target, revision)
+        elif storage.scheme_of(uri) in storage.schemes():
+            _download_store(uri, target, endpoint, region)
+        else:
+            raise InvalidModel(f"model.source {uri}: unsupported scheme")
+        (target / DONE_MARKER).touch()
+
+    local_rank_zero_first(download)
     if not (target / DONE_MARKER).exists():
         raise InvalidModel(f"model.source {uri}: download on this node failed (see local rank 0)")
     return target
