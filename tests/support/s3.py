@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,10 @@ def threaded_moto(bucket: str = "kubetune-test") -> Iterator[S3Endpoint]:
     server.start()
     try:
         wait_until_serving(port)
+        # moto keeps its buckets in process-wide state that outlives a server: reset it, so a test
+        # never sees the objects an earlier test in this process left behind.
+        reset = urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=10).close()  # noqa: S310 (loopback http)
         endpoint = S3Endpoint(f"http://127.0.0.1:{port}", bucket)
         endpoint.client().create_bucket(Bucket=bucket)
         yield endpoint
