@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import MetricsHandler
 
 from kubetune_operator.builders import desired_children
 from kubetune_operator.main import OperatorHandle
@@ -22,6 +19,7 @@ from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
 from tests.operator.helpers import TIMEOUT, condition, create, events, job_names, status, wait_phase
 from tests.support.cluster import FakeCluster
 from tests.support.kube import Client, EmulatorServer, wait_for
+from tests.support.metrics_endpoint import serving
 
 
 def strip_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
@@ -244,12 +242,8 @@ def test_api_errors_are_retried(operator: OperatorHandle, client: Client, cluste
 @pytest.fixture
 def trainer_metrics() -> Iterator[tuple[str, CollectorRegistry]]:
     registry = CollectorRegistry()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(registry))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", registry
-    server.shutdown()
-    server.server_close()
+    with serving(registry) as url:
+        yield url, registry
 
 
 def test_progress_from_a_real_metrics_endpoint(

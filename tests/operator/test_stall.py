@@ -4,20 +4,18 @@ as a retryable failure; a rank 0 that keeps stepping is never judged stalled."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import MetricsHandler
 
 from kubetune_operator.main import OperatorHandle
 from tests.operator.conftest import MetricsRoutes, job_manifest
 from tests.operator.helpers import condition, create, events, job_names, status
 from tests.support.cluster import FakeCluster
 from tests.support.kube import Client, wait_for
+from tests.support.metrics_endpoint import serving
 
 TIMEOUT = 40.0
 STALL_SECONDS = 3
@@ -29,12 +27,8 @@ def rank0() -> Iterator[tuple[str, Gauge]]:
     registry = CollectorRegistry()
     step = Gauge("kubetune_trainer_step", "step", registry=registry)
     Gauge("kubetune_trainer_total_steps", "total", registry=registry).set(1000)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(registry))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", step
-    server.shutdown()
-    server.server_close()
+    with serving(registry) as url:
+        yield url, step
 
 
 def test_rank0_stops_stepping_then_stalled_and_restart(

@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
@@ -17,7 +15,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import MetricsHandler
 
 from kubetune_operator import names
 from kubetune_operator.builders import desired_children
@@ -25,6 +22,7 @@ from kubetune_operator.progress import parse_progress
 from kubetune_operator.render import render_manifests
 from kubetune_operator.resolve import InvalidSpec, load_job, parse_job, resolve_job
 from kubetune_operator.settings import OperatorSettings, SettingsError, load_settings
+from tests.support.metrics_endpoint import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -275,12 +273,8 @@ def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, variabl
 def trainer_endpoint() -> Iterator[tuple[str, CollectorRegistry]]:
     """A real prometheus-client HTTP endpoint serving the trainer's metric names."""
     registry = CollectorRegistry()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(registry))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", registry
-    server.shutdown()
-    server.server_close()
+    with serving(registry) as url:
+        yield url, registry
 
 
 def publish_trainer_metrics(registry: CollectorRegistry, *, step: int, checkpoint_step: int) -> None:
