@@ -24,12 +24,9 @@ import pytest
 from kubetune_trainer.spec.layout import step_of
 from tests.support.tiny_models import lm_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
-from tests.trainer.matrix import ALL_CASES, Case, Matrix, build_matrix, check_case
+from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
 
 pytestmark = pytest.mark.gpu
-
-# Trainer logits (bf16 on the GPU) against the published model's (reloaded on the CPU): bf16 rounding.
-BF16_LOGITS_ATOL = 0.15
 
 
 @pytest.fixture(scope="module")

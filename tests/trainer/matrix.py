@@ -50,6 +50,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adapter": {"adapter": {"reductionFactor": 4}},
 }
 TAGS = ["O", "B-PER", "B-LOC"]
+# Trainer logits in bf16 against the published model's (reloaded in fp32 on the CPU): bf16 rounding.
+BF16_LOGITS_ATOL = 0.15
 
 
 @dataclass(frozen=True)
@@ -164,9 +166,16 @@ class Matrix:
 
 
 def build_matrix(
-    root: Path, tiny_backbones: dict[str, Path], cases: list[Case], *, nproc: int, precision: str
+    root: Path,
+    tiny_backbones: dict[str, Path],
+    cases: list[Case],
+    *,
+    nproc: int,
+    precision: str,
+    env: dict[str, str] | None = None,
 ) -> Matrix:
-    """Train every case in one launch of ``nproc`` ranks, then reload every published output."""
+    """Train every case in one launch of ``nproc`` ranks (``env``: extra trainer environment), then reload
+    every published output."""
     data = root / "data"
     write_jsonl(data / "sentiment-train.jsonl", sentiment_rows(320, seed=1))
     write_jsonl(data / "sentiment-val.jsonl", sentiment_rows(48, seed=2))
@@ -184,7 +193,7 @@ def build_matrix(
         jobs.append({"config": str(config), "dir": str(directory)})
     (root / "jobs.json").write_text(json.dumps(jobs))
     driver = str(REPO / "tests" / "trainer" / "matrix_driver.py")
-    result = launch([driver, str(root / "jobs.json")], env=trainer_env(), nproc=nproc, timeout=1500)
+    result = launch([driver, str(root / "jobs.json")], env=trainer_env(**(env or {})), nproc=nproc, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
 
     entries = []

@@ -162,6 +162,14 @@ def test_cpu_forces_fp32_and_says_so() -> None:
     assert effective_precision(spec, cpu=False) == ("bf16", None)
 
 
+def test_cpu_bf16_keeps_a_requested_bf16_with_the_cpu_settings() -> None:
+    bf16 = _spec(training={"precision": "bf16"})
+    config = build_deepspeed_config(bf16, world_size=1, cpu=True, total_steps=10, cpu_bf16=True)
+    assert (config["bf16"], config["fp16"]) == ({"enabled": True}, {"enabled": False})
+    assert config["zero_optimization"]["overlap_comm"] is False  # still the CPU's settings otherwise
+    assert effective_precision(bf16, cpu=True, cpu_bf16=True) == ("bf16", None)
+
+
 def test_gpu_precision_blocks() -> None:
     gpu = _build("stage2-gpu-bf16")
     assert gpu["bf16"] == {"enabled": True}

@@ -39,13 +39,17 @@ _DS_MIN_WARMUP = 2
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def effective_precision(spec: FineTuneJobSpec, *, cpu: bool) -> tuple[str, str | None]:
+def effective_precision(spec: FineTuneJobSpec, *, cpu: bool, cpu_bf16: bool = False) -> tuple[str, str | None]:
     """The precision a run actually uses, and a one-line note when it differs from the spec.
 
-    CPU runs always train in fp32 (DeepSpeed's bf16/fp16 paths need an
-    accelerator); the trainer logs the note once on rank 0.
+    CPU runs train in fp32 (most CPUs have no fast half-precision kernels);
+    ``cpu_bf16`` (``KUBETUNE_CPU_BF16=1``) keeps a requested bf16, so the
+    half-precision code path GPUs run is exercised without a GPU.  The
+    trainer logs the note once on rank 0.
     """
     requested = spec.training.precision
+    if cpu and requested == "bf16" and cpu_bf16:
+        return "bf16", None
     if cpu and requested != "fp32":
         return "fp32", f"training.precision is {requested} but this run is on CPU: training in fp32"
     return requested, None
@@ -209,12 +213,14 @@ def _resolve_batch(
     config["train_batch_size"] = micro * accumulation * world_size
 
 
-def build_deepspeed_config(spec: FineTuneJobSpec, *, world_size: int, cpu: bool, total_steps: int) -> dict[str, Any]:
+def build_deepspeed_config(
+    spec: FineTuneJobSpec, *, world_size: int, cpu: bool, total_steps: int, cpu_bf16: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed config dict for ``spec`` on ``world_size`` ranks (pure).
 
     ``total_steps`` is the number of optimizer steps of the whole run (for
-    the scheduler).  ``cpu`` forces fp32 (see :func:`effective_precision`)
-    and picks CPU-friendly settings.  ``spec.deepspeed.config`` is merged
+    the scheduler).  ``cpu`` forces fp32 unless ``cpu_bf16`` (see
+    :func:`effective_precision`) and picks CPU-friendly settings.  ``spec.deepspeed.config`` is merged
     last (nested dicts merge; a different optimizer/scheduler ``type``
     replaces the block).  Weight decay in the optimizer block is only the
     default: :func:`kubetune_trainer.objective.param_groups` gives each group
@@ -225,7 +231,7 @@ def build_deepspeed_config(spec: FineTuneJobSpec, *, world_size: int, cpu: bool,
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     training = spec.training
-    precision, _ = effective_precision(spec, cpu=cpu)
+    precision, _ = effective_precision(spec, cpu=cpu, cpu_bf16=cpu_bf16)
     optimizer_params: dict[str, Any] = {
         "lr": training.learning_rate,
         "betas": list(ADAM_BETAS),

@@ -96,6 +96,9 @@ def start_engine(built: TrainableModel, spec: FineTuneJobSpec, ds_config: dict[s
 
     from kubetune_trainer.objective import param_groups
 
+    half = half_precision_dtype(ds_config)
+    if half is not None and int(ds_config["zero_optimization"]["stage"]) == 3:
+        cast_unpartitioned_parameters(built.model, half)
     groups = [
         {k: v for k, v in g.items() if k != "names"}
         for g in param_groups(built.model, spec.objective.regularization.weight_decay)
@@ -107,3 +110,44 @@ def start_engine(built: TrainableModel, spec: FineTuneJobSpec, ds_config: dict[s
     if engine.device != session.placement.device:
         raise RuntimeError(f"DeepSpeed placed the model on {engine.device}, this rank computes on {session.placement}")
     return engine
+
+
+def engine_precision(engine: Any) -> str:
+    """The precision DeepSpeed trains in: ``bf16``, ``fp16`` or ``fp32`` (what the run did, not what was asked)."""
+    if engine.bfloat16_enabled():
+        return "bf16"
+    if engine.fp16_enabled():
+        return "fp16"
+    return "fp32"
+
+
+def half_precision_dtype(ds_config: dict[str, Any]) -> Any:
+    """``torch.bfloat16``/``torch.float16`` when the DeepSpeed config trains in half precision, else None."""
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return None
+
+
+def cast_unpartitioned_parameters(model: Any, dtype: Any) -> list[str]:
+    """Cast the parameters ZeRO-3 did not create (adapters, prompts, new heads added after loading) to ``dtype``.
+
+    Under ZeRO-3 the backbone is built inside ``deepspeed.zero.Init`` in the training dtype, and
+    DeepSpeed then skips its own cast of the module (it assumes every parameter came from there).
+    Strategies add fp32 modules afterwards: DeepSpeed's ZeRO-3 optimizer refuses a trainable group
+    that mixes dtypes, and a bf16 activation meets an fp32 weight in the adapters' matmuls.  Under
+    ZeRO 0-2 DeepSpeed casts every parameter itself; this does the same for the ones it skips.
+    Returns the names cast.
+    """
+    import torch
+
+    cast = []
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") or not torch.is_floating_point(param) or param.dtype == dtype:
+            continue
+        param.data = param.data.to(dtype)
+        cast.append(name)
+    return cast

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer import publish
 from kubetune_trainer.config import spec_hash
+from kubetune_trainer.engine import engine_precision
 from kubetune_trainer.errors import write_termination
 from kubetune_trainer.spec.layout import checkpoint_step_uri, default_output_uri
 
@@ -38,6 +39,7 @@ def metrics_document(trainer: Trainer, evaluation: dict[str, Any]) -> dict[str, 
         "throughput": throughput,
         "worldSize": trainer.session.world_size,
         "device": trainer.session.placement.name(),
+        "precision": engine_precision(trainer.engine),
         "strategy": spec.strategy.type,
         "task": spec.model.task.value,
         "specHash": spec_hash(trainer.job),

@@ -16,6 +16,7 @@ every rank sees it after the same step, checkpoints, and exits 21 (PREEMPTED).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from kubetune_trainer.progress import Checkpoints, TrainState, early_stopping_fo
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.session import Session, seed_everything, start_session, work_dir
 from kubetune_trainer.spec import FineTuneJob, FineTuneJobSpec
-from kubetune_trainer.spec.runtime import ExitCode
+from kubetune_trainer.spec.runtime import ENV_CPU_BF16, ExitCode
 from kubetune_trainer.step import StepStats, TrainStep
 
 EVAL_SAMPLE_FILE = "eval-sample.safetensors"  # rank 0's first evaluation rows: inputs + logits
@@ -213,15 +214,20 @@ def _plan(spec: FineTuneJobSpec, batches_per_epoch: int, session: Session) -> tu
     """(gradient accumulation, total optimizer steps, DeepSpeed config)."""
     from kubetune_trainer.dsconfig import build_deepspeed_config, effective_precision
 
-    probe = build_deepspeed_config(spec, world_size=session.world_size, cpu=session.cpu, total_steps=1)
+    cpu_bf16 = os.environ.get(ENV_CPU_BF16) == "1"
+    probe = build_deepspeed_config(
+        spec, world_size=session.world_size, cpu=session.cpu, cpu_bf16=cpu_bf16, total_steps=1
+    )
     accumulation = int(probe["gradient_accumulation_steps"])
     if spec.training.max_steps is not None:
         total_steps = spec.training.max_steps
     else:
         assert spec.training.epochs is not None
         total_steps = max(1, (spec.training.epochs * batches_per_epoch) // accumulation)
-    ds_config = build_deepspeed_config(spec, world_size=session.world_size, cpu=session.cpu, total_steps=total_steps)
-    _, note = effective_precision(spec, cpu=session.cpu)
+    ds_config = build_deepspeed_config(
+        spec, world_size=session.world_size, cpu=session.cpu, cpu_bf16=cpu_bf16, total_steps=total_steps
+    )
+    _, note = effective_precision(spec, cpu=session.cpu, cpu_bf16=cpu_bf16)
     if note:
         session.log(note)
     return accumulation, total_steps, ds_config

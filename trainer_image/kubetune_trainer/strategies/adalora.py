@@ -74,12 +74,14 @@ class BudgetUpdate:
 
     def after_step(self, engine: Any, step: int) -> None:
         """Prune ranks for ``step`` and write the masked values back into DeepSpeed's master weights."""
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         model = _task_model(engine)
         named = dict(model.named_parameters())
         for name, grad in self._grads.items():
-            named[name].grad = grad
+            # DeepSpeed's full gradients are fp32 (its partitions); PEFT multiplies them with the
+            # parameters, which are bf16/fp16 in a half-precision run.
+            named[name].grad = grad.to(named[name].dtype)
         model.base_model.update_and_allocate(step)
         for name in self._grads:
             named[name].grad = None
@@ -87,4 +89,8 @@ class BudgetUpdate:
         with torch.no_grad():
             for name, param in named.items():
                 if "lora_E" in name and param.requires_grad:
-                    safe_set_full_fp32_param(param, param.data.clone())
+                    # Mask the fp32 master copy where PEFT zeroed the working copy; writing the working
+                    # copy back would round every kept value to bf16/fp16.
+                    master = safe_get_full_fp32_param(param)
+                    masked = torch.where(param.data == 0, torch.zeros_like(master), master)
+                    safe_set_full_fp32_param(param, masked)

@@ -1,0 +1,166 @@
+"""The GPU's bf16 code path, run on the CPU (``KUBETUNE_CPU_BF16=1``): the guard for half precision in CI.
+
+CI has no GPU, and a CPU run trains in fp32 by default, so nothing there would notice a dtype that
+only a bf16 run meets.  Two such bugs were found this way, each of which failed a GPU job before its
+first step: ZeRO-3 refused a trainable group mixing bf16 backbone parameters with the fp32 modules a
+strategy adds (LoRA/IA3/adapter/prompt with a new head; adapters' fp32 matmul on bf16 activations), and
+AdaLoRA's budget update handed DeepSpeed's fp32 gradients to bf16 parameters.
+
+* the GPU suite's matrix (``tests/gpu``, every strategy × task × ZeRO-2/3 and the variants), one rank,
+  bf16, checked like the GPU suite checks it;
+* a SIGTERM checkpoint in bf16 on 2 ranks, then a resume whose losses equal an uninterrupted run's:
+  the fp32 master weights and optimizer state of DeepSpeed's bf16 optimizer round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.spec.runtime import ENV_CPU_BF16
+from tests.support.tiny_models import lm_rows, write_jsonl
+from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
+from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
+
+pytestmark = pytest.mark.e2e
+
+BF16 = {ENV_CPU_BF16: "1"}
+STEP_LINE = re.compile(r"^step (\d+)/\d+ epoch \S+ loss (\S+)", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def bf16_matrix(tmp_path_factory: pytest.TempPathFactory, tiny_backbones: dict[str, Path]) -> Matrix:
+    return build_matrix(
+        tmp_path_factory.mktemp("bf16-matrix"), tiny_backbones, ALL_CASES, nproc=1, precision="bf16", env=BF16
+    )
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
+def test_gpu_matrix_case_trains_in_bf16_on_the_cpu(bf16_matrix: Matrix, case: Case) -> None:
+    check_case(bf16_matrix, case, logits_atol=BF16_LOGITS_ATOL)
+    report = json.loads((bf16_matrix.root / case.id / "output" / "kubetune-metrics.json").read_text())
+    assert (report["device"], report["precision"]) == ("cpu", "bf16")
+
+
+def test_without_the_switch_a_cpu_run_falls_back_to_fp32(tmp_path: Path, tiny_backbones: dict[str, Path]) -> None:
+    spec = _lm_spec(tmp_path, tiny_backbones, steps=2, checkpoint_every=None)
+    result = _run(write_job(tmp_path / "job.json", spec), tmp_path, env={}, nproc=1)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "training.precision is bf16 but this run is on CPU: training in fp32" in result.stdout
+    report = json.loads((tmp_path / "output" / "kubetune-metrics.json").read_text())
+    assert report["precision"] == "fp32"
+
+
+def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
+    tmp_path: Path, tiny_backbones: dict[str, Path]
+) -> None:
+    steps = 24
+    reference = _run(
+        write_job(tmp_path / "a.json", _lm_spec(tmp_path / "a", tiny_backbones, steps=steps, checkpoint_every=None)),
+        tmp_path / "a",
+        env=BF16,
+    )
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    uninterrupted = _losses(reference.stdout)
+    assert sorted(uninterrupted) == list(range(1, steps + 1))
+
+    job = write_job(tmp_path / "b.json", _lm_spec(tmp_path / "b", tiny_backbones, steps=steps, checkpoint_every=1000))
+    log = tmp_path / "b1.log"
+    first = _start(job, tmp_path / "b", log)
+    deadline = time.monotonic() + 600
+    try:
+        while max(_losses(log.read_text()), default=0) < 5:
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training step within 600 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)  # what the kubelet sends: finish the step, commit, exit 21
+        assert first.wait(timeout=300) == 21, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    termination = json.loads((tmp_path / "b" / "termination").read_text())
+    committed = int(re.match(r"SIGTERM at step (\d+):", termination["message"]).group(1))  # type: ignore[union-attr]
+
+    resumed = _run(job, tmp_path / "b", env=BF16)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"at step {committed}" in resumed.stdout
+    after = _losses(resumed.stdout)
+    assert sorted(after) == list(range(committed + 1, steps + 1))
+    # Bit-identical: a resume from the bf16 working weights instead of the fp32 master copy, or
+    # without the optimizer's moments, changes the losses within a few steps.
+    assert after == {s: uninterrupted[s] for s in after}
+    report = json.loads((tmp_path / "b" / "output" / "kubetune-metrics.json").read_text())
+    assert report["precision"] == "bf16"
+
+
+def _lm_spec(root: Path, backbones: dict[str, Path], *, steps: int, checkpoint_every: int | None) -> dict[str, Any]:
+    train = write_jsonl(root / "train.jsonl", lm_rows(256, seed=3))
+    spec: dict[str, Any] = {
+        "model": {"source": f"file://{backbones['gpt2']}", "task": "causal-lm"},
+        "dataset": {"train": str(train), "maxLength": 32},
+        "strategy": {"type": "full"},
+        "objective": {"regularization": {"weightDecay": 0.01}},
+        "training": {
+            "maxSteps": steps,
+            "learningRate": 1e-3,
+            "warmupRatio": 0.1,
+            "microBatchSize": 4,
+            "gradientAccumulationSteps": 2,
+            "precision": "bf16",
+            "logEverySteps": 1,
+            "seed": 5,
+        },
+        "deepspeed": {"zeroStage": 2},
+        "output": {"uri": f"file://{root / 'output'}"},
+    }
+    if checkpoint_every is not None:
+        spec["checkpoint"] = {"uri": f"file://{root / 'ckpt'}", "everySteps": checkpoint_every, "asyncUpload": False}
+    return spec
+
+
+def _command(job: Path, nproc: int) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "kubetune_trainer.launch",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        str(job),
+    ]
+
+
+def _env(work: Path, extra: dict[str, str]) -> dict[str, str]:
+    return trainer_env(
+        KUBETUNE_TERMINATION_LOG=str(work / "termination"), KUBETUNE_WORK_DIR=str(work / "work"), **extra
+    )
+
+
+def _run(job: Path, work: Path, *, env: dict[str, str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(job, nproc),
+        env=_env(work, env),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # the trainer's log, in order, in .stdout
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def _start(job: Path, work: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(_command(job, 2), env=_env(work, BF16), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _losses(text: str) -> dict[int, str]:
+    return {int(step): loss for step, loss in STEP_LINE.findall(text)}
