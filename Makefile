@@ -91,11 +91,11 @@ CPU_BENCHMARKS := benchmarks/trainer_vs_hf.py benchmarks/checkpoint_io.py benchm
 bench: venv ## run the CPU benchmarks and print their JSON
 	@for b in $(CPU_BENCHMARKS); do echo "== $$b"; $(SRC_PATH) $(PY) $$b; done
 
-# On a GPU machine: `make gpu-check PY=python3` (no venv there; carried wheels on PYTHONPATH, see README).
+# On a GPU machine: `make gpu-check PY=python3` (no venv there; gpu_check.py unpacks the carried .gpu/, see README).
 gpu-check: ## the GPU test suite and the GPU benchmark (kubetune vs HF Trainer), one JSON summary; needs CUDA
 	$(SRC_PATH) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-gpu-assets: venv ## write .gpu/ (wheels, MiniLM, MR) that an offline GPU machine needs for gpu-check
+gpu-assets: venv ## write .gpu/ (packages as an xz site archive, MiniLM, MR; under the device tool's 64 MiB) for an offline GPU machine
 	$(SRC_PATH) $(PY) benchmarks/gpu_assets.py
 
 .PHONY: help venv system-deps crds chart generate verify images lint test test-random test-alone test-slow demo bench gpu-check gpu-assets

@@ -1,6 +1,9 @@
 """``make gpu-check``: the GPU suite and the GPU benchmark in one go, one JSON summary at the end.
 
-Runs ``pytest -m gpu tests/gpu`` (JUnit XML for the counts), then
+First unpacks what ``make gpu-assets`` carried in ``.gpu/`` into the temp folder: the packages
+the machine lacks (``site-cpXY.tar.xz`` for this interpreter) onto ``PYTHONPATH``, and MiniLM and
+MR (``*.xz`` restored) for the benchmark.  Then runs
+``pytest -m gpu tests/gpu`` (JUnit XML for the counts), then
 ``benchmarks/gpu_llm.py``; prints ``{"tests": {...}, "benchmark": {...}, "versions": {...}}``
 and, where ``$OUT`` is set (the device machine), writes the full reports there.  Exits
 non-zero when a test failed or the benchmark could not run; targets that are not met
@@ -13,15 +16,70 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What ``make gpu-assets`` carried, ready to use."""
+
+    site: Path | None  # site-packages for this interpreter, for PYTHONPATH (None: no archive for it)
+    files: Path  # the other assets (minilm/, mr/) with every ``*.xz`` restored
+
+
+def unpack_assets(assets: Path, scratch: Path) -> Carried:
+    """Unpack ``assets/site-cpXY.tar.xz`` for this Python, and the other assets with their ``*.xz`` restored,
+    under ``scratch`` (each once; ``assets`` itself is left as carried, so it stays under the transfer limit).
+
+    An archive for another Python is not used: its binary wheels would not import.
+    """
+    files = scratch / "kubetune-gpu-assets"
+    for source in sorted(p for p in assets.rglob("*") if p.is_file()):
+        relative = source.relative_to(assets)
+        if relative.parts[0] == "out" or source.name.startswith("site-"):
+            continue
+        packed = source.suffix == ".xz"
+        target = files / (relative.with_suffix("") if packed else relative)
+        if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with lzma.open(source, "rb") if packed else source.open("rb") as reader, partial.open("wb") as writer:
+            shutil.copyfileobj(reader, writer, length=1 << 20)
+        partial.replace(target)
+    archive = assets / f"site-cp{sys.version_info.major}{sys.version_info.minor}.tar.xz"
+    if not archive.exists():
+        return Carried(None, files)
+    site = scratch / "kubetune-gpu-site"
+    marker = site / ".unpacked"
+    if not marker.exists() or marker.read_text() != str(archive.stat().st_mtime_ns):
+        shutil.rmtree(site, ignore_errors=True)
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(site, filter="data")
+        marker.write_text(str(archive.stat().st_mtime_ns))
+    return Carried(site, files)
+
+
+def use_site(site: Path | None) -> None:
+    """Put the carried packages on this process's and its children's import path."""
+    if site is None:
+        return
+    inherited = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (inherited, str(site)) if p)
+    sys.path.append(str(site))
 
 
 def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:
@@ -66,12 +124,15 @@ def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:
     return summary
 
 
-def run_benchmark(out: Path, cases: str | None, *, timeout: float) -> dict[str, Any]:
-    """``gpu_llm.py``; its targets, and the ratios behind them."""
+def run_benchmark(out: Path, cases: str | None, *, timeout: float, carried: Carried | None) -> dict[str, Any]:
+    """``gpu_llm.py`` (on the carried MiniLM and MR where there are); its targets, and the ratios behind them."""
     report = out / "gpu_llm.json"
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_llm.py"), "--out", str(report)]
     if cases:
         command += ["--cases", cases]
+    for name in ("minilm", "mr"):
+        if carried is not None and (carried.files / name).is_dir():
+            command += [f"--{name}", str(carried.files / name)]
     with (out / "gpu_llm.log").open("w") as log:
         result = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, timeout=timeout, check=False)
     if result.returncode != 0 or not report.exists():
@@ -88,14 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-only", action="store_true")
     parser.add_argument("--tests-timeout", type=float, default=300)
     parser.add_argument("--bench-timeout", type=float, default=330)
+    parser.add_argument("--assets", type=Path, default=REPO / ".gpu", help="what make gpu-assets wrote")
     args = parser.parse_args(argv)
     out = Path(os.environ.get("OUT") or REPO / ".gpu" / "out")
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
+    carried = None
+    if args.assets.is_dir():
+        carried = unpack_assets(args.assets, Path(tempfile.gettempdir()))
+        use_site(carried.site)
+        summary["carried"] = {"site": str(carried.site) if carried.site else None, "files": str(carried.files)}
     if not args.bench_only:
         summary["tests"] = run_tests(out, timeout=args.tests_timeout)
     if not args.tests_only:
-        summary["benchmark"] = run_benchmark(out, args.cases, timeout=args.bench_timeout)
+        summary["benchmark"] = run_benchmark(out, args.cases, timeout=args.bench_timeout, carried=carried)
     (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     failed = summary.get("tests", {}).get("returncode", 0) != 0 or summary.get("benchmark", {}).get("returncode", 0)

@@ -6,11 +6,15 @@ still work against the current code is.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
@@ -128,6 +132,55 @@ def test_gpu_check_skips_its_suite_cleanly_without_cuda(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)["tests"]
     assert summary["tests"] > 0
     assert summary["skipped"] == summary["tests"]  # every GPU test skipped, none failed
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_what_gpu_assets_packs_gpu_check_unpacks_for_its_own_python_only(tmp_path: Path) -> None:
+    # The device tool carries 64 MiB: wheels travel unpacked and xz-compressed, the MiniLM weights
+    # xz-compressed; gpu_check.py restores both on the machine before anything imports them.
+    gpu_assets, gpu_check = _script("gpu_assets"), _script("gpu_check")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "ktprobe-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("ktprobe/__init__.py", "VALUE = 42\n")
+        wheel.writestr("ktprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: ktprobe\nVersion: 1.0\n")
+    assets = tmp_path / "assets"
+    (assets / "minilm").mkdir(parents=True)
+    this_python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    gpu_assets.pack_site(wheels, assets / gpu_assets.site_archive_name(this_python))
+    weights = assets / "minilm" / "model.safetensors"
+    original = os.urandom(200_000) + bytes(200_000)
+    weights.write_bytes(original)
+    assert gpu_assets.compress(weights).name == "model.safetensors.xz"
+    assert not weights.exists()
+
+    carried = gpu_check.unpack_assets(assets, tmp_path / "scratch")
+    assert (carried.files / "minilm" / "model.safetensors").read_bytes() == original
+    assert not weights.exists()  # the carried folder stays as small as it travelled
+    assert carried.site is not None
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ktprobe; print(ktprobe.VALUE)"],
+        env={**os.environ, "PYTHONPATH": str(carried.site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "42"
+    assert gpu_check.unpack_assets(assets, tmp_path / "scratch") == carried  # again: kept, not unpacked twice
+
+    elsewhere = tmp_path / "for-another-python"
+    elsewhere.mkdir()
+    shutil.copy(assets / gpu_assets.site_archive_name(this_python), elsewhere / gpu_assets.site_archive_name("2.99"))
+    assert gpu_check.unpack_assets(elsewhere, tmp_path / "scratch2").site is None
 
 
 def test_data_pipeline_compares_with_datasets_map_and_measures_reader_memory_and_restart() -> None:

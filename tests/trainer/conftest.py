@@ -18,7 +18,9 @@ PYTHON = sys.executable
 def trainer_env(**extra: str) -> dict[str, str]:
     """Environment for a trainer launch: our sources on the path, a free metrics port, quiet libraries."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), str(REPO)])
+    # Ours first, then whatever the caller had: a GPU machine's carried packages live on PYTHONPATH.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), str(REPO), *inherited])
     env["KUBETUNE_METRICS_PORT"] = "0"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["HF_HUB_OFFLINE"] = "1"

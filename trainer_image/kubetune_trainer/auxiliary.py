@@ -48,13 +48,15 @@ class TaskWithAuxiliary(nn.Module):
         return SimpleNamespace(logits=out.logits, aux_logits=aux_logits)
 
 
-def attach(task_model: Any, backbone_dir: Path, kind: str, *, train_head: bool) -> TaskWithAuxiliary:
-    """Load the pretrained LM head for ``kind`` (``mlm`` | ``lm``) onto the task model's backbone."""
+def attach(task_model: Any, backbone_dir: Path, kind: str, *, train_head: bool, dtype: Any = None) -> TaskWithAuxiliary:
+    """Load the pretrained LM head for ``kind`` (``mlm`` | ``lm``) onto the task model's backbone, in ``dtype``
+    (the training precision's; fp32 by default)."""
+    import torch
     import transformers
 
     auto = transformers.AutoModelForMaskedLM if kind == "mlm" else transformers.AutoModelForCausalLM
     try:
-        aux = auto.from_pretrained(str(backbone_dir))
+        aux = auto.from_pretrained(str(backbone_dir), dtype=dtype or torch.float32)
     except Exception as exc:
         raise InvalidModel(
             f"objective.auxiliary.type {kind}: the backbone has no {'masked' if kind == 'mlm' else 'causal'}-LM head "

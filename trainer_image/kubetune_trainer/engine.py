@@ -52,7 +52,8 @@ def build_model(
 
         keepalive = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]
     seed_everything(spec.training.seed)  # same initial weights (heads, adapters) on every rank
-    backbone = load_backbone(spec, backbone_dir, labels)
+    # Loaded in the training dtype (DeepSpeed keeps its own fp32 master copy of half-precision weights).
+    backbone = load_backbone(spec, backbone_dir, labels, dtype=half_precision_dtype(ds_config))
     prepared = apply_strategy(
         backbone.model,
         spec.strategy,
@@ -70,7 +71,13 @@ def build_model(
         from kubetune_trainer.auxiliary import attach
 
         # The LM head trains with strategies that update pretrained weights, stays frozen with adapters.
-        model = attach(model, backbone_dir, aux.type, train_head=spec.strategy.definition().trains_backbone)
+        model = attach(
+            model,
+            backbone_dir,
+            aux.type,
+            train_head=spec.strategy.definition().trains_backbone,
+            dtype=half_precision_dtype(ds_config),
+        )
     loss_head = None
     if spec.model.task in (Task.CAUSAL_LM, Task.MASKED_LM):
         loss_head = install_loss_head(model, spec.objective.label_smoothing)

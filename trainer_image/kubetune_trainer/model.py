@@ -51,8 +51,14 @@ def load_tokenizer(path: Path, source: str) -> Any:
     return tokenizer
 
 
-def load_backbone(spec: FineTuneJobSpec, path: Path, labels: list[str] | None) -> Backbone:
-    """Load the pretrained model with the task's head, the dropout override and the label names."""
+def load_backbone(spec: FineTuneJobSpec, path: Path, labels: list[str] | None, *, dtype: Any = None) -> Backbone:
+    """Load the pretrained model with the task's head, the dropout override and the label names.
+
+    Every parameter, pretrained or new, comes in ``dtype`` (the training precision's; fp32 by
+    default).  transformers 5 otherwise loads a checkpoint in the dtype it was saved in while new
+    heads start in fp32: an fp16/bf16 checkpoint then fails at the first matmul of an fp32 run.
+    """
+    import torch
     from transformers import AutoConfig
 
     source = spec.model.source
@@ -71,7 +77,11 @@ def load_backbone(spec: FineTuneJobSpec, path: Path, labels: list[str] | None) -
     attention = check_attention(spec.training.attention)
     try:
         model, info = _auto_class(spec.model.task).from_pretrained(
-            str(path), config=config, output_loading_info=True, attn_implementation=attention
+            str(path),
+            config=config,
+            output_loading_info=True,
+            attn_implementation=attention,
+            dtype=dtype or torch.float32,
         )
     except ValueError as exc:
         if attention in str(exc):

@@ -52,7 +52,7 @@ ENV_JOB_UID = "KUBETUNE_JOB_UID"  # the FineTuneJob's uid: checkpoints of this v
 ENV_PLUGINS = "KUBETUNE_PLUGINS"  # modules that register strategies or storage schemes (platform configuration)
 # "1": a CPU run trains in bf16 when the spec asks for it, instead of falling back to fp32.  The GPU's
 # half-precision path (DeepSpeed's bf16 optimizer, dtype casts) then runs on a machine without a GPU
-# (the CI guard tests/trainer/test_bf16_on_cpu.py); slow on CPUs without bf16 instructions.
+# (the CI guard tests/trainer/test_precision.py); slow on CPUs without bf16 instructions.
 ENV_CPU_BF16 = "KUBETUNE_CPU_BF16"
 
 CONFIG_MOUNT_DIR = "/etc/kubetune"

@@ -33,6 +33,21 @@ def orthogonality(model: Any) -> Tensor:
     return total / count
 
 
+def freeze_rank_counts(model: Any) -> list[str]:
+    """Keep AdaLoRA's ``ranknum`` (the rank each layer's scaling divides by) out of training.
+
+    PEFT creates it frozen, but on a half-precision backbone it moves the adapter to the base
+    layer's dtype by re-creating parameters, and ``ranknum`` comes back with ``requires_grad``:
+    the optimizer would train the scaling's denominator.  Returns the names frozen.
+    """
+    frozen = []
+    for name, param in model.named_parameters():
+        if ".ranknum." in name and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def weighted_orthogonality(weight: float) -> Any:
     """The extra loss term ``weight · orthogonality(model)``."""
 

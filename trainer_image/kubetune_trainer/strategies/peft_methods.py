@@ -165,6 +165,7 @@ def make(builder: Any, name: str) -> Any:
         if name == "adalora":
             from kubetune_trainer.strategies import adalora
 
+            adalora.freeze_rank_counts(wrapped)
             if settings.orth_reg_weight > 0:
                 prepared.extra_loss = adalora.weighted_orthogonality(settings.orth_reg_weight)
             prepared.step_hook = adalora.BudgetUpdate()

@@ -1,4 +1,5 @@
-"""The GPU's bf16 code path, run on the CPU (``KUBETUNE_CPU_BF16=1``): the guard for half precision in CI.
+"""Precision on the CPU: the GPU's bf16 code path (``KUBETUNE_CPU_BF16=1``), the guard for half precision
+in CI, and half-precision checkpoints trained in fp32.
 
 CI has no GPU, and a CPU run trains in fp32 by default, so nothing there would notice a dtype that
 only a bf16 run meets.  Two such bugs were found this way, each of which failed a GPU job before its
@@ -9,13 +10,17 @@ AdaLoRA's budget update handed DeepSpeed's fp32 gradients to bf16 parameters.
 * the GPU suite's matrix (``tests/gpu``, every strategy × task × ZeRO-2/3 and the variants), one rank,
   bf16, checked like the GPU suite checks it;
 * a SIGTERM checkpoint in bf16 on 2 ranks, then a resume whose losses equal an uninterrupted run's:
-  the fp32 master weights and optimizer state of DeepSpeed's bf16 optimizer round-trip exactly.
+  the fp32 master weights and optimizer state of DeepSpeed's bf16 optimizer round-trip exactly;
+* a checkpoint saved in fp16 or bf16 (as most published LLMs are) trains in fp32 with a new head and
+  the auxiliary LM head: transformers 5 loads weights in their saved dtype and new heads in fp32, which
+  failed at the first matmul until the trainer loaded everything in the training dtype.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -98,6 +103,42 @@ def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
     assert after == {s: uninterrupted[s] for s in after}
     report = json.loads((tmp_path / "b" / "output" / "kubetune-metrics.json").read_text())
     assert report["precision"] == "bf16"
+
+
+@pytest.mark.parametrize(("saved", "strategy"), [("float16", "lora"), ("bfloat16", "full")])
+def test_a_half_precision_checkpoint_trains_in_fp32(
+    saved: str, strategy: str, tmp_path: Path, tiny_backbones: dict[str, Path]
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.support.tiny_models import sentiment_rows
+
+    backbone = tmp_path / "bert-half"
+    shutil.copytree(tiny_backbones["bert"], backbone)
+    weights = backbone / "model.safetensors"
+    save_file({k: v.to(getattr(torch, saved)) for k, v in load_file(str(weights)).items()}, str(weights))
+    config = json.loads((backbone / "config.json").read_text())
+    (backbone / "config.json").write_text(json.dumps(config | {"dtype": saved}))  # as published half checkpoints say
+    spec = {
+        "model": {
+            "source": f"file://{backbone}",
+            "task": "sequence-classification",
+            "labels": ["negative", "positive"],
+        },
+        "dataset": {"train": str(write_jsonl(tmp_path / "train.jsonl", sentiment_rows(64, seed=1))), "maxLength": 32},
+        "strategy": {"type": strategy},
+        "objective": {"auxiliary": {"type": "mlm", "weight": 0.5}},
+        "training": {"maxSteps": 3, "learningRate": 1e-3, "microBatchSize": 8, "precision": "fp32", "logEverySteps": 1},
+        "output": {"uri": f"file://{tmp_path / 'output'}"},
+    }
+    result = _run(write_job(tmp_path / "job.json", spec), tmp_path, env={}, nproc=1)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert json.loads((tmp_path / "output" / "kubetune-metrics.json").read_text())["precision"] == "fp32"
+    output = tmp_path / "output"
+    published = load_file(str(output / ("adapter_model.safetensors" if strategy == "lora" else "model.safetensors")))
+    assert {str(t.dtype) for t in published.values()} == {"torch.float32"}
+    assert any("classifier" in name for name in published)
 
 
 def _lm_spec(root: Path, backbones: dict[str, Path], *, steps: int, checkpoint_every: int | None) -> dict[str, Any]:
