@@ -124,12 +124,16 @@ def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:
     return summary
 
 
-def run_benchmark(out: Path, cases: str | None, *, timeout: float, carried: Carried | None) -> dict[str, Any]:
+def run_benchmark(
+    out: Path, cases: str | None, *, timeout: float, carried: Carried | None, tiny: bool = False
+) -> dict[str, Any]:
     """``gpu_llm.py`` (on the carried MiniLM and MR where there are); its targets, and the ratios behind them."""
     report = out / "gpu_llm.json"
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_llm.py"), "--out", str(report)]
     if cases:
         command += ["--cases", cases]
+    if tiny:
+        command.append("--tiny")
     for name in ("minilm", "mr"):
         if carried is not None and (carried.files / name).is_dir():
             command += [f"--{name}", str(carried.files / name)]
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-only", action="store_true")
     parser.add_argument("--tests-timeout", type=float, default=300)
     parser.add_argument("--bench-timeout", type=float, default=330)
+    parser.add_argument("--tiny", action="store_true", help="the benchmark at a tiny size (a dry run on the CPU)")
     parser.add_argument("--assets", type=Path, default=REPO / ".gpu", help="what make gpu-assets wrote")
     args = parser.parse_args(argv)
     out = Path(os.environ.get("OUT") or REPO / ".gpu" / "out")
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.bench_only:
         summary["tests"] = run_tests(out, timeout=args.tests_timeout)
     if not args.tests_only:
-        summary["benchmark"] = run_benchmark(out, args.cases, timeout=args.bench_timeout, carried=carried)
+        summary["benchmark"] = run_benchmark(
+            out, args.cases, timeout=args.bench_timeout, carried=carried, tiny=args.tiny
+        )
     (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     failed = summary.get("tests", {}).get("returncode", 0) != 0 or summary.get("benchmark", {}).get("returncode", 0)
