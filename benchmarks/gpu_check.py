@@ -74,12 +74,11 @@ def unpack_assets(assets: Path, scratch: Path) -> Carried:
 
 
 def use_site(site: Path | None) -> None:
-    """Put the carried packages on this process's and its children's import path."""
+    """Put the carried packages on the import path of the suite and the benchmark (this script needs none)."""
     if site is None:
         return
     inherited = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (inherited, str(site)) if p)
-    sys.path.append(str(site))
 
 
 def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:

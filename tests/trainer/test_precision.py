@@ -31,7 +31,7 @@ import pytest
 
 from kubetune_trainer.spec.runtime import ENV_CPU_BF16
 from tests.support.tiny_models import lm_rows, write_jsonl
-from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
+from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
 from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
 
 pytestmark = pytest.mark.e2e
@@ -57,8 +57,8 @@ def test_gpu_matrix_case_trains_in_bf16_on_the_cpu(bf16_matrix: Matrix, case: Ca
 def test_without_the_switch_a_cpu_run_falls_back_to_fp32(tmp_path: Path, tiny_backbones: dict[str, Path]) -> None:
     spec = _lm_spec(tmp_path, tiny_backbones, steps=2, checkpoint_every=None)
     result = _run(write_job(tmp_path / "job.json", spec), tmp_path, env={}, nproc=1)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "training.precision is bf16 but this run is on CPU: training in fp32" in result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training.precision is bf16 but this run is on CPU: training in fp32" in result.stderr
     report = json.loads((tmp_path / "output" / "kubetune-metrics.json").read_text())
     assert report["precision"] == "fp32"
 
@@ -72,8 +72,8 @@ def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
         tmp_path / "a",
         env=BF16,
     )
-    assert reference.returncode == 0, reference.stdout[-3000:]
-    uninterrupted = _losses(reference.stdout)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = _losses(reference.stderr)
     assert sorted(uninterrupted) == list(range(1, steps + 1))
 
     job = write_job(tmp_path / "b.json", _lm_spec(tmp_path / "b", tiny_backbones, steps=steps, checkpoint_every=1000))
@@ -94,9 +94,9 @@ def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
     committed = int(re.match(r"SIGTERM at step (\d+):", termination["message"]).group(1))  # type: ignore[union-attr]
 
     resumed = _run(job, tmp_path / "b", env=BF16)
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"at step {committed}" in resumed.stdout
-    after = _losses(resumed.stdout)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {committed}" in resumed.stderr
+    after = _losses(resumed.stderr)
     assert sorted(after) == list(range(committed + 1, steps + 1))
     # Bit-identical: a resume from the bf16 working weights instead of the fp32 master copy, or
     # without the optimizer's moments, changes the losses within a few steps.
@@ -133,7 +133,7 @@ def test_a_half_precision_checkpoint_trains_in_fp32(
         "output": {"uri": f"file://{tmp_path / 'output'}"},
     }
     result = _run(write_job(tmp_path / "job.json", spec), tmp_path, env={}, nproc=1)
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "output" / "kubetune-metrics.json").read_text())["precision"] == "fp32"
     output = tmp_path / "output"
     published = load_file(str(output / ("adapter_model.safetensors" if strategy == "lora" else "model.safetensors")))
@@ -166,19 +166,6 @@ def _lm_spec(root: Path, backbones: dict[str, Path], *, steps: int, checkpoint_e
     return spec
 
 
-def _command(job: Path, nproc: int) -> list[str]:
-    return [
-        PYTHON,
-        "-m",
-        "kubetune_trainer.launch",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "kubetune_trainer",
-        "--config",
-        str(job),
-    ]
-
-
 def _env(work: Path, extra: dict[str, str]) -> dict[str, str]:
     return trainer_env(
         KUBETUNE_TERMINATION_LOG=str(work / "termination"), KUBETUNE_WORK_DIR=str(work / "work"), **extra
@@ -186,21 +173,16 @@ def _env(work: Path, extra: dict[str, str]) -> dict[str, str]:
 
 
 def _run(job: Path, work: Path, *, env: dict[str, str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _command(job, nproc),
-        env=_env(work, env),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,  # the trainer's log, in order, in .stdout
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    """The pod command on ``job``; the trainer's log is the result's ``stderr``."""
+    return launch(["-m", "kubetune_trainer", "--config", str(job)], env=_env(work, env), nproc=nproc)
 
 
 def _start(job: Path, work: Path, log: Path) -> subprocess.Popen[bytes]:
+    command = [PYTHON, "-m", "kubetune_trainer.launch", "--nproc-per-node=2", "-m", "kubetune_trainer"]
     with log.open("wb") as out:
-        return subprocess.Popen(_command(job, 2), env=_env(work, BF16), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [*command, "--config", str(job)], env=_env(work, BF16), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _losses(text: str) -> dict[int, str]:

@@ -52,8 +52,9 @@ def build_model(
 
         keepalive = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]
     seed_everything(spec.training.seed)  # same initial weights (heads, adapters) on every rank
-    # Loaded in the training dtype (DeepSpeed keeps its own fp32 master copy of half-precision weights).
-    backbone = load_backbone(spec, backbone_dir, labels, dtype=half_precision_dtype(ds_config))
+    # Everything in the training dtype (DeepSpeed keeps its own fp32 master copy of half-precision weights).
+    half = half_precision_dtype(ds_config)
+    backbone = load_backbone(spec, backbone_dir, labels, dtype=half)
     prepared = apply_strategy(
         backbone.model,
         spec.strategy,
@@ -76,8 +77,10 @@ def build_model(
             backbone_dir,
             aux.type,
             train_head=spec.strategy.definition().trains_backbone,
-            dtype=half_precision_dtype(ds_config),
+            dtype=half,
         )
+    if half is not None:
+        cast_added_parameters(model, half)
     loss_head = None
     if spec.model.task in (Task.CAUSAL_LM, Task.MASKED_LM):
         loss_head = install_loss_head(model, spec.objective.label_smoothing)
@@ -103,9 +106,6 @@ def start_engine(built: TrainableModel, spec: FineTuneJobSpec, ds_config: dict[s
 
     from kubetune_trainer.objective import param_groups
 
-    half = half_precision_dtype(ds_config)
-    if half is not None and int(ds_config["zero_optimization"]["stage"]) == 3:
-        cast_unpartitioned_parameters(built.model, half)
     groups = [
         {k: v for k, v in g.items() if k != "names"}
         for g in param_groups(built.model, spec.objective.regularization.weight_decay)
@@ -139,15 +139,14 @@ def half_precision_dtype(ds_config: dict[str, Any]) -> Any:
     return None
 
 
-def cast_unpartitioned_parameters(model: Any, dtype: Any) -> list[str]:
-    """Cast the parameters ZeRO-3 did not create (adapters, prompts, new heads added after loading) to ``dtype``.
+def cast_added_parameters(model: Any, dtype: Any) -> list[str]:
+    """Cast what strategies added after loading (adapters, prompts, PEFT's fp32 upcasts) to ``dtype``.
 
-    Under ZeRO-3 the backbone is built inside ``deepspeed.zero.Init`` in the training dtype, and
-    DeepSpeed then skips its own cast of the module (it assumes every parameter came from there).
-    Strategies add fp32 modules afterwards: DeepSpeed's ZeRO-3 optimizer refuses a trainable group
-    that mixes dtypes, and a bf16 activation meets an fp32 weight in the adapters' matmuls.  Under
-    ZeRO 0-2 DeepSpeed casts every parameter itself; this does the same for the ones it skips.
-    Returns the names cast.
+    The backbone is loaded in the training dtype; strategies add fp32 modules afterwards.  Under
+    ZeRO 0-2 DeepSpeed would cast them itself, but under ZeRO-3 it skips its cast (it assumes every
+    parameter came from ``deepspeed.zero.Init``): its optimizer then refuses a trainable group that
+    mixes dtypes, and a bf16 activation meets an fp32 weight in the adapters' matmuls.  Partitioned
+    parameters (``ds_id``) are already in ``dtype`` and are left alone.  Returns the names cast.
     """
     import torch
 
