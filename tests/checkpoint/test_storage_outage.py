@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.checkpoint import tiny
+from tests.support.processes import kill_tree
 from tests.support.s3 import MotoProcess
 
 CKPT = "checkpoints"
@@ -68,7 +69,7 @@ def test_server_killed_mid_upload_then_next_save_commits_and_restart_resumes(
             assert proc.wait(timeout=240) == 0, log_path.read_text()[-5000:]
         finally:
             if proc.poll() is None:  # torchrun and its workers: they wait for a file that may never come
-                tiny.kill_all(proc)
+                kill_tree(proc)
     first = log_path.read_text()
     assert "retrying in" in first  # backoff, then give up on step 20
     assert f"checkpoint {tag(20)} was NOT committed" in first  # noticed by the next save, training went on

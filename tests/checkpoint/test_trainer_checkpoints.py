@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.checkpoint import tiny
+from tests.support.processes import kill_tree
 from tests.support.s3 import S3Endpoint, threaded_moto
 
 pytestmark = pytest.mark.e2e
@@ -142,7 +143,7 @@ def wait(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        tiny.kill_all(proc)
+        kill_tree(proc)
         raise AssertionError(f"trainer did not finish in {timeout}s:\n{log.read_text()[-5000:]}") from None
 
 
@@ -163,7 +164,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(s3: S3Endpoint, assets
             assert time.monotonic() < deadline, "run B never committed step 20"
             time.sleep(0.05)
     finally:
-        tiny.kill_all(b)
+        kill_tree(b)
     killed_at = max(losses(log_b1.read_text()))
     assert latest(s3, "run-b") == tag(20), f"killed too late (step {killed_at}): step 30 was committed"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import kill_tree
 from tests.support.s3 import FAKE_CREDENTIALS, S3Endpoint, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def run(
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_all(proc)
+        kill_tree(proc)
         log, _ = proc.communicate()
         raise AssertionError(f"{name} did not finish in {timeout}s:\n{log[-6000:]}") from None
     (tmp / name).mkdir(parents=True, exist_ok=True)
@@ -104,24 +104,6 @@ def run(
     if check:
         assert proc.returncode == 0, f"{name} failed with {proc.returncode}:\n{log[-6000:]}"
     return TinyRun(proc.returncode, log, out)
-
-
-def kill_all(proc: subprocess.Popen[Any]) -> None:
-    """SIGKILL a launcher and all its workers at once, as a node failure would.
-
-    torchrun starts its workers in sessions of their own: killing the launcher's process group is not enough.
-    """
-    import psutil
-
-    try:
-        processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        processes = []
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    proc.wait()
-    psutil.wait_procs(processes, timeout=30)
 
 
 def copy_prefix(endpoint: S3Endpoint, source: str, target: str) -> None:

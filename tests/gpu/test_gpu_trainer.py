@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer.spec.layout import step_of
+from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
 from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
@@ -61,8 +61,7 @@ def test_sigkill_after_a_checkpoint_resumes_on_the_gpu(tmp_path: Path, tiny_back
     while not latest.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert latest.exists(), "no checkpoint was committed"
-    os.killpg(first.pid, signal.SIGKILL)  # a lost node: no SIGTERM, no goodbye
-    first.wait(timeout=60)
+    kill_tree(first)  # a lost node: no SIGTERM, no goodbye, for the launcher and its workers alike
     committed = step_of(latest.read_text().strip())
     second = subprocess.run([*command, str(config)], env=env, cwd=REPO, check=False, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import kill_tree
 from tests.support.s3 import FAKE_CREDENTIALS, S3Endpoint, threaded_moto
 from tests.support.tiny_models import instruction_rows, sentiment_rows, tiny_gpt2, write_jsonl
 from tests.trainer.conftest import REPO, launch, trainer_env, write_job
@@ -234,7 +235,7 @@ def _wait(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         raise AssertionError(f"trainer did not finish:\n{log.read_text()[-4000:]}") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.spec.runtime import ENV_CPU_BF16
+from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
 from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
@@ -89,7 +90,7 @@ def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
         assert first.wait(timeout=300) == 21, log.read_text()[-3000:]
     finally:
         if first.poll() is None:
-            first.kill()
+            kill_tree(first)
     termination = json.loads((tmp_path / "b" / "termination").read_text())
     committed = int(re.match(r"SIGTERM at step (\d+):", termination["message"]).group(1))  # type: ignore[union-attr]
 
