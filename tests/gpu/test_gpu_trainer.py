@@ -5,7 +5,8 @@
   (``tests/trainer/matrix.py``), one process on one GPU, bf16 — training succeeds, the loss falls,
   frozen weights stay as they were (in bf16), evaluation runs on the GPU, and the published output
   reloads with plain transformers/peft and reproduces the trainer's logits within bf16 rounding;
-* a checkpoint, then SIGKILL, then a resume on the GPU that continues from the committed step;
+* a checkpoint, then SIGKILL, then a resume on the GPU that continues from the committed step
+  (``tests/trainer/sigkill.py``, which CI runs in bf16 on the CPU too);
 * the versions this suite ran with, for the trainer image's pins (``tests/chart/test_dockerfiles.py``).
 """
 
@@ -13,18 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.spec.layout import step_of
-from tests.support.processes import kill_tree
-from tests.support.tiny_models import lm_rows, write_jsonl
-from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
+from tests.support.tiny_models import lm_rows
+from tests.trainer.conftest import REPO
 from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
+from tests.trainer.sigkill import sigkill_after_a_checkpoint_then_resume
 
 pytestmark = pytest.mark.gpu
 
@@ -43,32 +41,10 @@ def test_strategy_matrix_on_the_gpu(gpu_matrix: Matrix, case: Case) -> None:
 
 
 def test_sigkill_after_a_checkpoint_resumes_on_the_gpu(tmp_path: Path, tiny_backbones: dict[str, Path]) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", lm_rows(512, seed=1))
-    checkpoints = tmp_path / "ckpt"
-    spec = {
-        "model": {"source": f"file://{tiny_backbones['gpt2']}", "task": "causal-lm"},
-        "dataset": {"train": str(train), "maxLength": 32},
-        "strategy": {"type": "full"},
-        "training": {"maxSteps": 400, "learningRate": 1e-3, "microBatchSize": 4, "logEverySteps": 10},
-        "checkpoint": {"uri": f"file://{checkpoints}", "everySteps": 20, "asyncUpload": False},
-    }
-    config = write_job(tmp_path / "job.json", spec)
-    env = trainer_env(KUBETUNE_TERMINATION_LOG=str(tmp_path / "termination"), KUBETUNE_WORK_DIR=str(tmp_path / "w"))
-    command = [PYTHON, "-m", "kubetune_trainer.launch", "--nproc-per-node=1", "-m", "kubetune_trainer", "--config"]
-    first = subprocess.Popen([*command, str(config)], env=env, cwd=REPO, start_new_session=True)
-    latest = checkpoints / "checkpoints" / "LATEST"
-    deadline = time.monotonic() + 300
-    while not latest.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert latest.exists(), "no checkpoint was committed"
-    kill_tree(first)  # a lost node: no SIGTERM, no goodbye, for the launcher and its workers alike
-    committed = step_of(latest.read_text().strip())
-    second = subprocess.run([*command, str(config)], env=env, cwd=REPO, check=False, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    termination = json.loads((tmp_path / "termination").read_text())
-    assert termination["reason"] == "Succeeded"
-    assert termination["resumedFrom"] >= committed
-    assert termination["step"] == 400
+    resumed = sigkill_after_a_checkpoint_then_resume(tmp_path, tiny_backbones["gpt2"], steps=400, every=20)
+    assert resumed.termination["reason"] == "Succeeded"
+    assert resumed.termination["resumedFrom"] >= resumed.committed
+    assert resumed.termination["step"] == 400
 
 
 def test_record_the_versions_this_suite_ran_with() -> None:

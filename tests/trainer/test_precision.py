@@ -9,6 +9,7 @@ AdaLoRA's budget update handed DeepSpeed's fp32 gradients to bf16 parameters.
 
 * the GPU suite's matrix (``tests/gpu``, every strategy × task × ZeRO-2/3 and the variants), one rank,
   bf16, checked like the GPU suite checks it;
+* the GPU suite's lost-node test (``sigkill.py``: SIGKILL after a checkpoint, then a resume), one rank, bf16;
 * a SIGTERM checkpoint in bf16 on 2 ranks, then a resume whose losses equal an uninterrupted run's:
   the fp32 master weights and optimizer state of DeepSpeed's bf16 optimizer round-trip exactly;
 * a checkpoint saved in fp16 or bf16 (as most published LLMs are) trains in fp32 with a new head and
@@ -34,6 +35,7 @@ from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
 from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
+from tests.trainer.sigkill import sigkill_after_a_checkpoint_then_resume
 
 pytestmark = pytest.mark.e2e
 
@@ -104,6 +106,15 @@ def test_sigterm_checkpoint_in_bf16_resumes_to_the_uninterrupted_losses(
     assert after == {s: uninterrupted[s] for s in after}
     report = json.loads((tmp_path / "b" / "output" / "kubetune-metrics.json").read_text())
     assert report["precision"] == "bf16"
+
+
+def test_sigkill_after_a_checkpoint_resumes_in_bf16(tmp_path: Path, tiny_backbones: dict[str, Path]) -> None:
+    # The GPU suite's lost-node test, run here as there (one rank, bf16), so CI runs its code too.
+    resumed = sigkill_after_a_checkpoint_then_resume(tmp_path, tiny_backbones["gpt2"], steps=60, every=10, env=BF16)
+    assert resumed.termination["reason"] == "Succeeded"
+    assert resumed.termination["resumedFrom"] >= resumed.committed >= 10
+    assert resumed.termination["step"] == 60
+    assert "training in fp32" not in resumed.log + (tmp_path / "first.log").read_text()
 
 
 @pytest.mark.parametrize(("saved", "strategy"), [("float16", "lora"), ("bfloat16", "full")])
