@@ -9,12 +9,18 @@ and, where ``$OUT`` is set (the device machine), writes the full reports there. 
 non-zero when a test failed or the benchmark could not run; targets that are not met
 are reported, not failed on (they are figures, not tests).
 
+The whole check ends within ``--budget`` seconds (540: the device tool stops a call at 600), the
+suite taking at most ``--tests-timeout`` of it; a phase past its time has its process tree killed
+(the trainer's workers too) and reports ``timed_out`` with what it finished, and the summary in
+``$OUT/gpu-check.json`` is rewritten after every phase.
+
     PYTHONPATH=operator:trainer_image:. python benchmarks/gpu_check.py [--cases ...] [--tests-only|--bench-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import lzma
 import os
@@ -105,33 +111,43 @@ def use_site(site: Path | None) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (inherited, str(site)) if p)
 
 
+def run_bounded(command: list[str], log: Path, *, timeout: float, env: dict[str, str] | None = None) -> int | None:
+    """Run ``command`` from the repository, its output in ``log``; its exit code, or None when it ran past
+    ``timeout``: then its whole process tree is killed, since the trainer's workers run in sessions of their
+    own and would otherwise hold the GPU through the next phase."""
+    with log.open("w") as output:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            import psutil  # the machine's image has it; CI's venv too
+
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            for process in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            proc.wait()
+            psutil.wait_procs(tree, timeout=30)
+            return None
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
 def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:
-    """The GPU suite; counts and the failing test ids."""
-    junit = out / "gpu-tests.xml"
+    """The GPU suite; counts and the failing test ids (the log's tail where it did not finish)."""
+    junit, log = out / "gpu-tests.xml", out / "gpu-tests.log"
     env = dict(os.environ, KUBETUNE_GPU_VERSIONS=str(out / "gpu-versions.json"))
     started = time.monotonic()
-    with (out / "gpu-tests.log").open("w") as log:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-m",
-                "gpu",
-                "tests/gpu",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                f"--junitxml={junit}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    summary: dict[str, Any] = {"returncode": result.returncode, "seconds": round(time.monotonic() - started, 1)}
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"]
+    code = run_bounded([*command, f"--junitxml={junit}"], log, timeout=timeout, env=env)
+    summary: dict[str, Any] = {"returncode": code, "seconds": round(time.monotonic() - started, 1)}
+    if code is None:
+        summary |= {"timed_out": True, "log": _tail(log)}
     if junit.exists():
         suite = ET.parse(junit).getroot()  # noqa: S314
         suite = suite if suite.tag == "testsuite" else suite[0]
@@ -147,11 +163,23 @@ def run_tests(out: Path, *, timeout: float) -> dict[str, Any]:
     return summary
 
 
+def finished_cases(log: Path) -> dict[str, Any]:
+    """The cases ``gpu_llm.py`` finished, from the ``name: {json}`` line it logs after each (what is left
+    of a run stopped at its time limit)."""
+    cases: dict[str, Any] = {}
+    for line in (log.read_text(errors="replace") if log.exists() else "").splitlines():
+        name, sep, rest = line.partition(": ")
+        if sep and rest.startswith("{") and " " not in name:
+            with contextlib.suppress(json.JSONDecodeError):
+                cases[name] = json.loads(rest)
+    return cases
+
+
 def run_benchmark(
     out: Path, cases: str | None, *, timeout: float, carried: Carried | None, tiny: bool = False
 ) -> dict[str, Any]:
     """``gpu_llm.py`` (on the carried MiniLM and MR where there are); its targets, and the ratios behind them."""
-    report = out / "gpu_llm.json"
+    report, log = out / "gpu_llm.json", out / "gpu_llm.log"
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_llm.py"), "--out", str(report)]
     if cases:
         command += ["--cases", cases]
@@ -160,28 +188,36 @@ def run_benchmark(
     for name in ("minilm", "mr"):
         if carried is not None and (carried.files / name).is_dir():
             command += [f"--{name}", str(carried.files / name)]
-    with (out / "gpu_llm.log").open("w") as log:
-        result = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, timeout=timeout, check=False)
-    if result.returncode != 0 or not report.exists():
-        return {"returncode": result.returncode, "log": (out / "gpu_llm.log").read_text()[-2000:]}
+    code = run_bounded(command, log, timeout=timeout)
+    if code != 0 or not report.exists():
+        failed = {"returncode": code, "finished": finished_cases(log), "log": _tail(log)}
+        return failed | ({"timed_out": True} if code is None else {})
     document = json.loads(report.read_text())
     return {"returncode": 0, "targets": document["targets"], "gpu": document["machine"].get("gpu")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the checks and print the summary."""
+    """Run the checks and print the summary (also written after each phase, so a stopped run keeps it)."""
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=None, help="gpu_llm.py cases (default: its own default set)")
     parser.add_argument("--tests-only", action="store_true")
     parser.add_argument("--bench-only", action="store_true")
-    parser.add_argument("--tests-timeout", type=float, default=300)
-    parser.add_argument("--bench-timeout", type=float, default=330)
+    parser.add_argument(
+        "--budget", type=float, default=540, help="seconds for the whole check (the device tool stops a call at 600)"
+    )
+    parser.add_argument("--tests-timeout", type=float, default=270, help="at most this much of the budget")
     parser.add_argument("--tiny", action="store_true", help="the benchmark at a tiny size (a dry run on the CPU)")
     parser.add_argument("--assets", type=Path, default=REPO / ".gpu", help="what make gpu-assets wrote")
     args = parser.parse_args(argv)
+    deadline = started + args.budget
     out = Path(os.environ.get("OUT") or REPO / ".gpu" / "out")
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
+
+    def record() -> None:
+        (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
+
     carried = None
     if args.assets.is_dir():
         carried = unpack_assets(args.assets, Path(tempfile.gettempdir()))
@@ -192,15 +228,17 @@ def main(argv: list[str] | None = None) -> int:
             summary["carried"]["unmet_requirements"] = unmet = unmet_requirements(carried.site)
             for line in unmet:
                 print(f"warning: {line}; carry it with make gpu-assets (gpu_assets.ROOTS)", file=sys.stderr)
+        record()
     if not args.bench_only:
-        summary["tests"] = run_tests(out, timeout=args.tests_timeout)
+        left = deadline - time.monotonic()
+        summary["tests"] = run_tests(out, timeout=left if args.tests_only else min(args.tests_timeout, left))
+        record()
     if not args.tests_only:
-        summary["benchmark"] = run_benchmark(
-            out, args.cases, timeout=args.bench_timeout, carried=carried, tiny=args.tiny
-        )
-    (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        left = deadline - time.monotonic()
+        summary["benchmark"] = run_benchmark(out, args.cases, timeout=left, carried=carried, tiny=args.tiny)
+        record()
     print(json.dumps(summary, indent=2))
-    failed = summary.get("tests", {}).get("returncode", 0) != 0 or summary.get("benchmark", {}).get("returncode", 0)
+    failed = any(summary.get(phase, {}).get("returncode", 0) != 0 for phase in ("tests", "benchmark"))
     return 1 if failed else 0
 
 

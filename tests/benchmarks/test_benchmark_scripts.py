@@ -6,6 +6,7 @@ still work against the current code is.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,6 +137,27 @@ def test_gpu_check_skips_its_suite_cleanly_without_cuda(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)["tests"]
     assert summary["tests"] > 0
     assert summary["skipped"] == summary["tests"]  # every GPU test skipped, none failed
+
+
+def test_gpu_check_stops_a_phase_at_its_time_with_its_workers_and_keeps_what_it_finished(tmp_path: Path) -> None:
+    # As gpu_llm.py would: one case finished and logged, then a worker (in a session of its own, as
+    # torchrun starts them) that would hold the GPU well past the device tool's limit.
+    gpu_check = _script("gpu_check")
+    worker_pid = tmp_path / "worker.pid"
+    program = (
+        "import subprocess, sys, time\n"
+        'print(\'full-1024: {"hf": {"tokens_per_second": 1.5}}\', file=sys.stderr, flush=True)\n'
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+        f"open({str(worker_pid)!r}, 'w').write(str(worker.pid))\n"
+        "time.sleep(300)\n"
+    )
+    log = tmp_path / "bench.log"
+    assert gpu_check.run_bounded([sys.executable, "-c", program], log, timeout=5) is None
+    worker = int(worker_pid.read_text())
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or dead and not yet reaped by init
+        assert psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    assert gpu_check.finished_cases(log) == {"full-1024": {"hf": {"tokens_per_second": 1.5}}}
+    assert gpu_check.run_bounded([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60) == 3
 
 
 def _script(name: str) -> ModuleType:
