@@ -104,6 +104,27 @@ def test_loss_head_scores_the_models_own_logits(tiny_backbones: dict[str, Path],
     assert head.targets is None  # cleared on the way out
 
 
+def test_a_compiled_model_gets_the_fused_losss_gradients(tiny_backbones: dict[str, Path]) -> None:
+    # training.compile compiles the whole model, LossHead included. Traced by torch.compile on torch 2.11
+    # (the GPU image's), the gradients the fused loss computes in its forward came back as zeros.
+    ids = torch.randint(5, 60, (4, 12), generator=torch.Generator().manual_seed(8))
+    targets = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], dim=1)
+    gradients = []
+    for compiled in (False, True):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_backbones["gpt2"])
+        head = install_loss_head(model, label_smoothing=0.0)
+        assert head is not None
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        with loss_targets(head, targets):
+            total, count = forward(input_ids=ids).logits
+        (total / count).backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    eager, compiled_grads = gradients
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in compiled_grads.values())
+    for name, gradient in eager.items():
+        torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_heads_followed_by_other_operations_keep_the_plain_loss() -> None:
     # Gemma 2 soft-caps its logits after the head: a fused loss there would skip the cap.
     config = transformers.Gemma2Config(

@@ -127,6 +127,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
+# Run eagerly inside a compiled model (a graph break around it): traced by torch.compile on torch 2.11,
+# the gradients its forward computes came back as zeros, and a compiled run trained nothing.
+_apply_eagerly: Any = torch.compiler.disable(_LinearCrossEntropy.apply)  # type: ignore[no-untyped-call]
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -145,7 +150,7 @@ def linear_cross_entropy(
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden [N, H] and targets [N] expected, got {tuple(hidden.shape)}, {tuple(targets.shape)}")
     size = chunk or chunk_tokens(weight.shape[0])
-    result: Tensor = _LinearCrossEntropy.apply(hidden, weight, bias, targets, label_smoothing, size)  # type: ignore[no-untyped-call]
+    result: Tensor = _apply_eagerly(hidden, weight, bias, targets, label_smoothing, size)
     return result
 
 
