@@ -36,6 +36,7 @@ from packaging.utils import canonicalize_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # the benchmarks folder is not a package
+from gpu_check import site_archive_name  # the name gpu_check.py looks for on the machine
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".gpu"
@@ -155,11 +156,6 @@ def wheels(target: Path, carried: Mapping[str, str]) -> None:
 
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
-
-
-def site_archive_name(python: str) -> str:
-    """``site-cp312.tar.xz`` for ``3.12``: the archive names the interpreter its binary wheels are for."""
-    return f"site-cp{python.replace('.', '')}.tar.xz"
 
 
 def pack_site(wheel_dir: Path, archive: Path) -> None:

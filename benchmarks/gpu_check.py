@@ -36,7 +36,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import kill_tree  # the suite's helper: the repository root is on PYTHONPATH
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def site_archive_name(python: str) -> str:
+    """``site-cp312.tar.xz`` for ``3.12``: the archive names the interpreter its binary wheels are for
+    (``make gpu-assets`` writes it under this name)."""
+    return f"site-cp{python.replace('.', '')}.tar.xz"
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def unpack_assets(assets: Path, scratch: Path) -> Carried:
         with lzma.open(source, "rb") if packed else source.open("rb") as reader, partial.open("wb") as writer:
             shutil.copyfileobj(reader, writer, length=1 << 20)
         partial.replace(target)
-    archive = assets / f"site-cp{sys.version_info.major}{sys.version_info.minor}.tar.xz"
+    archive = assets / site_archive_name(f"{sys.version_info.major}.{sys.version_info.minor}")
     if not archive.exists():
         return Carried(None, files)
     site = scratch / "kubetune-gpu-site"
@@ -120,17 +128,7 @@ def run_bounded(command: list[str], log: Path, *, timeout: float, env: dict[str,
         try:
             return proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
-            import psutil  # the machine's image has it; CI's venv too
-
-            try:
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                tree = []
-            for process in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-            proc.wait()
-            psutil.wait_procs(tree, timeout=30)
+            kill_tree(proc)
             return None
 
 

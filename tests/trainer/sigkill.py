@@ -16,7 +16,7 @@ from typing import Any
 from kubetune_trainer.spec.layout import step_of
 from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
-from tests.trainer.conftest import PYTHON, REPO, trainer_env, write_job
+from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,6 @@ def sigkill_after_a_checkpoint_then_resume(
     finally:
         kill_tree(first)  # no SIGTERM, no goodbye: the launcher and its workers alike
     committed = step_of(latest.read_text().strip())
-    second = subprocess.run([*command, str(config)], env=run_env, cwd=REPO, check=False, capture_output=True, text=True)
+    second = launch(["-m", "kubetune_trainer", "--config", str(config)], env=run_env, nproc=1)
     assert second.returncode == 0, second.stderr[-3000:]
     return Resumed(committed, json.loads((root / "termination").read_text()), second.stderr)
