@@ -5,6 +5,13 @@ is made unimportable first, so a published model that needed our code to load
 would fail here.  Input (argv[1]): JSON list of
 ``{"name", "output", "base", "task", "num_labels", "sample"}``; prints one JSON
 object ``{name: {"max_abs_diff": float, "published_as": str} | {"error": str}}``.
+
+Logits are recomputed in fp32 arithmetic.  For a run that trained in bf16 the
+result also has ``bf16_noise``: how far the same published model's logits move
+when it computes in bf16 instead (max abs; weights published in bf16 stay what
+they are).  The trainer's logits came from bf16 arithmetic, so they may sit that
+far from the fp32 ones: near a steep point of the model (a sample between two
+saturated classes) bf16 rounding alone moves a logit by several percent.
 """
 
 import json
@@ -44,11 +51,17 @@ def load(entry):
     return model.eval(), info["publishedAs"]
 
 
+def precision(entry):
+    """The precision the run trained in, as its ``kubetune-metrics.json`` reports it."""
+    return json.loads(Path(entry["output"], "kubetune-metrics.json").read_text()).get("precision", "fp32")
+
+
 def main():
     results = {}
     for entry in json.loads(Path(sys.argv[1]).read_text()):
         try:
             model, kind = load(entry)
+            model = model.float()  # a bf16 run publishes full weights in bf16; the reference arithmetic is fp32
             sample = load_file(entry["sample"])
             expected = sample.pop("logits")
             labels = sample.pop("kubetune_labels")
@@ -69,6 +82,10 @@ def main():
                 results[entry["name"]]["loss_after"] = float(
                     ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
                 )
+            if precision(entry) == "bf16":
+                with torch.no_grad():
+                    in_bf16 = model.to(torch.bfloat16)(**sample).logits.float()
+                results[entry["name"]]["bf16_noise"] = float((in_bf16 - logits).abs().max())
         except Exception as error:  # reported per entry; the test names the failing one
             results[entry["name"]] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(results))

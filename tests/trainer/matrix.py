@@ -54,7 +54,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adapter": {"adapter": {"reductionFactor": 4}},
 }
 TAGS = ["O", "B-PER", "B-LOC"]
-# Trainer logits in bf16 against the published model's (reloaded in fp32 on the CPU): bf16 rounding.
+# Trainer logits in bf16 against the published model's (reloaded, fp32 arithmetic on the CPU): bf16
+# rounding, plus three times what bf16 does to the reload's logits (:func:`logits_tolerance`).
 BF16_LOGITS_ATOL = 0.15
 
 
@@ -224,17 +225,23 @@ def build_matrix(
             )
             if case.variant == "merged":
                 entries.append(entries[-1] | {"name": f"{case.id}/merged", "merged": True})
-    (root / "load.json").write_text(json.dumps(entries))
+    return Matrix(root, tiny_backbones, reload_published(entries, root / "load.json"), result.stderr, nproc)
+
+
+def reload_published(entries: list[dict[str, Any]], listing: Path) -> dict[str, Any]:
+    """``load_published.py``'s results for ``entries`` (written to ``listing``), from a fresh interpreter."""
+    listing.write_text(json.dumps(entries))
     loader = subprocess.run(
-        [PYTHON, "-I", str(REPO / "tests" / "trainer" / "load_published.py"), str(root / "load.json")],
+        [PYTHON, "-I", str(REPO / "tests" / "trainer" / "load_published.py"), str(listing)],
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=root,
+        cwd=listing.parent,
         check=False,
     )
     assert loader.returncode == 0, loader.stderr[-4000:]
-    return Matrix(root, tiny_backbones, json.loads(loader.stdout.strip().splitlines()[-1]), result.stderr, nproc)
+    results: dict[str, Any] = json.loads(loader.stdout.strip().splitlines()[-1])
+    return results
 
 
 def step_losses(log: Path) -> list[float]:
@@ -293,6 +300,17 @@ def expected_trainable(case: Case, matrix: Matrix, published: dict[str, Any]) ->
     return sum(t.numel() for k, t in published.items() if "ranknum" not in k)
 
 
+def logits_tolerance(loaded: dict[str, Any], atol: float) -> float:
+    """How far the trainer's logits may be from the published model's fp32 ones.
+
+    ``atol``, plus, for a bf16 run, three times what bf16 arithmetic alone does to the published
+    model's logits (``bf16_noise``, measured on the reload): the trainer computed in bf16, on
+    other kernels (a GPU's, or another CPU's), so its rounding lands elsewhere but is of that
+    size.  A publishing bug (a head not saved, an adapter not applied) moves logits by far more.
+    """
+    return atol + 3 * float(loaded.get("bf16_noise", 0.0))
+
+
 def check_case(matrix: Matrix, case: Case, *, logits_atol: float = 1e-4) -> None:
     """Every check of one case (see the module docstring); ``logits_atol`` bounds trainer vs published logits."""
     directory = matrix.root / case.id
@@ -346,13 +364,13 @@ def check_case(matrix: Matrix, case: Case, *, logits_atol: float = 1e-4) -> None
 
     loaded = matrix.loaded[case.id]
     assert "error" not in loaded, loaded
-    assert loaded["max_abs_diff"] < logits_atol, loaded
+    assert loaded["max_abs_diff"] < logits_tolerance(loaded, logits_atol), loaded
     if case.task == Task.MASKED_LM:
         assert loaded["loss_after"] < loaded["loss_before"], (loaded, losses)
     if case.variant == "merged":  # the merged full weights give the same logits as base + adapter
         merged = matrix.loaded[f"{case.id}/merged"]
         assert "error" not in merged, merged
-        assert merged["max_abs_diff"] < logits_atol, merged
+        assert merged["max_abs_diff"] < logits_tolerance(merged, logits_atol), merged
 
 
 ZERO3_LORA = [c for c in ALL_CASES if c.strategy == "lora" and c.stage == 3]

@@ -9,6 +9,10 @@ AdaLoRA's budget update handed DeepSpeed's fp32 gradients to bf16 parameters.
 
 * the GPU suite's matrix (``tests/gpu``, every strategy × task × ZeRO-2/3 and the variants), one rank,
   bf16, checked like the GPU suite checks it;
+* the published model's logits in fp32 against the trainer's bf16 ones, allowing for what bf16 does to
+  the reload's own logits (a fixed bound failed on another CPU: a sample at a steep point of the model
+  moved 5 % under bf16 rounding), and a test that an adapter published without (or with half) its
+  update still fails that check;
 * the GPU suite's lost-node test (``sigkill.py``: SIGKILL after a checkpoint, then a resume), one rank, bf16;
 * a SIGTERM checkpoint in bf16 on 2 ranks, then a resume whose losses equal an uninterrupted run's:
   the fp32 master weights and optimizer state of DeepSpeed's bf16 optimizer round-trip exactly;
@@ -34,7 +38,16 @@ from kubetune_trainer.spec.runtime import ENV_CPU_BF16
 from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
-from tests.trainer.matrix import ALL_CASES, BF16_LOGITS_ATOL, Case, Matrix, build_matrix, check_case
+from tests.trainer.matrix import (
+    ALL_CASES,
+    BF16_LOGITS_ATOL,
+    Case,
+    Matrix,
+    build_matrix,
+    check_case,
+    logits_tolerance,
+    reload_published,
+)
 from tests.trainer.sigkill import sigkill_after_a_checkpoint_then_resume
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +68,31 @@ def test_gpu_matrix_case_trains_in_bf16_on_the_cpu(bf16_matrix: Matrix, case: Ca
     check_case(bf16_matrix, case, logits_atol=BF16_LOGITS_ATOL)
     report = json.loads((bf16_matrix.root / case.id / "output" / "kubetune-metrics.json").read_text())
     assert (report["device"], report["precision"]) == ("cpu", "bf16")
+
+
+@pytest.mark.parametrize("case_id", ["lora-sequence-classification-zero2", "lora-token-classification-zero2"])
+def test_the_bf16_logits_check_still_fails_an_adapter_published_wrong(
+    bf16_matrix: Matrix, case_id: str, tmp_path: Path
+) -> None:
+    # The bf16 check allows for what bf16 arithmetic does to the published model's logits; an
+    # adapter published without its trained update (lora_B zero) or at half of it must still fail.
+    from safetensors.torch import load_file, save_file
+
+    (entry,) = [e for e in json.loads((bf16_matrix.root / "load.json").read_text()) if e["name"] == case_id]
+    tampered = []
+    for name, change in (("no-update", lambda t: t * 0), ("half-update", lambda t: t * 0.5)):
+        output = tmp_path / name
+        shutil.copytree(entry["output"], output)
+        adapter = output / "adapter_model.safetensors"
+        weights = load_file(adapter)
+        assert any("lora_B" in k for k in weights)
+        save_file({k: change(t) if "lora_B" in k else t for k, t in weights.items()}, adapter)
+        tampered.append(entry | {"name": name, "output": str(output)})
+    results = reload_published([entry, *tampered], tmp_path / "load.json")
+    assert results[case_id]["bf16_noise"] > 0  # measured for a bf16 run
+    assert results[case_id]["max_abs_diff"] < logits_tolerance(results[case_id], BF16_LOGITS_ATOL), results
+    for wrong in ("no-update", "half-update"):
+        assert results[wrong]["max_abs_diff"] > logits_tolerance(results[wrong], BF16_LOGITS_ATOL), results
 
 
 def test_without_the_switch_a_cpu_run_falls_back_to_fp32(tmp_path: Path, tiny_backbones: dict[str, Path]) -> None:
