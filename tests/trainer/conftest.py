@@ -38,8 +38,27 @@ def launch(
     args: list[str], *, env: dict[str, str], nproc: int = 2, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """``python -m kubetune_trainer.launch --nproc-per-node N ARGS`` (the pod command, minus rendezvous)."""
-    command = [PYTHON, "-m", "kubetune_trainer.launch", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+    return subprocess.run(
+        pod_command(args, nproc), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+    )
+
+
+def start(args: list[str], *, env: dict[str, str], log: Path, nproc: int = 2) -> subprocess.Popen[bytes]:
+    """:func:`launch` in the background, its output in ``log``, in a session of its own (see ``kill_tree``)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            pod_command(args, nproc),
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def pod_command(args: list[str], nproc: int) -> list[str]:
+    """The pod command's argv on one node of ``nproc`` processes."""
+    return [PYTHON, "-m", "kubetune_trainer.launch", f"--nproc-per-node={nproc}", *args]
 
 
 def write_job(path: Path, spec: dict[str, Any]) -> Path:

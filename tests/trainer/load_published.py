@@ -33,11 +33,11 @@ AUTO = {
 }
 
 
-def load(entry):
+def load(entry, info):
+    """The published model of ``entry`` (``info``: its run's ``kubetune-metrics.json``), and how it was published."""
     auto = AUTO[entry["task"]]
     if entry.get("merged"):  # mergeAdapter: full weights with the adapter folded in, under merged/
         return auto.from_pretrained(f"{entry['output']}/merged").eval(), "merged"
-    info = json.loads(Path(entry["output"], "kubetune-metrics.json").read_text())
     kwargs = {"num_labels": entry["num_labels"]} if entry["num_labels"] else {}
     if info["publishedAs"] == "peft":
         from peft import PeftModel
@@ -51,16 +51,12 @@ def load(entry):
     return model.eval(), info["publishedAs"]
 
 
-def precision(entry):
-    """The precision the run trained in, as its ``kubetune-metrics.json`` reports it."""
-    return json.loads(Path(entry["output"], "kubetune-metrics.json").read_text()).get("precision", "fp32")
-
-
 def main():
     results = {}
     for entry in json.loads(Path(sys.argv[1]).read_text()):
         try:
-            model, kind = load(entry)
+            info = json.loads(Path(entry["output"], "kubetune-metrics.json").read_text())
+            model, kind = load(entry, info)
             model = model.float()  # a bf16 run publishes full weights in bf16; the reference arithmetic is fp32
             sample = load_file(entry["sample"])
             expected = sample.pop("logits")
@@ -82,7 +78,7 @@ def main():
                 results[entry["name"]]["loss_after"] = float(
                     ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
                 )
-            if precision(entry) == "bf16":
+            if info.get("precision") == "bf16":
                 with torch.no_grad():
                     in_bf16 = model.to(torch.bfloat16)(**sample).logits.float()
                 results[entry["name"]]["bf16_noise"] = float((in_bf16 - logits).abs().max())

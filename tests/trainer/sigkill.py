@@ -7,7 +7,6 @@ the very code the GPU machine runs.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from kubetune_trainer.spec.layout import step_of
 from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
-from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
+from tests.trainer.conftest import launch, start, trainer_env, write_job
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,8 @@ def sigkill_after_a_checkpoint_then_resume(
     run_env = trainer_env(
         KUBETUNE_TERMINATION_LOG=str(root / "termination"), KUBETUNE_WORK_DIR=str(root / "w"), **(env or {})
     )
-    command = [PYTHON, "-m", "kubetune_trainer.launch", "--nproc-per-node=1", "-m", "kubetune_trainer", "--config"]
-    with (root / "first.log").open("wb") as log:
-        first = subprocess.Popen(
-            [*command, str(config)], env=run_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    pod = ["-m", "kubetune_trainer", "--config", str(config)]
+    first = start(pod, env=run_env, log=root / "first.log", nproc=1)
     latest = checkpoints / "checkpoints" / "LATEST"
     deadline = time.monotonic() + 300
     try:
@@ -58,6 +54,6 @@ def sigkill_after_a_checkpoint_then_resume(
     finally:
         kill_tree(first)  # no SIGTERM, no goodbye: the launcher and its workers alike
     committed = step_of(latest.read_text().strip())
-    second = launch(["-m", "kubetune_trainer", "--config", str(config)], env=run_env, nproc=1)
+    second = launch(pod, env=run_env, nproc=1)
     assert second.returncode == 0, second.stderr[-3000:]
     return Resumed(committed, json.loads((root / "termination").read_text()), second.stderr)

@@ -37,7 +37,7 @@ import pytest
 from kubetune_trainer.spec.runtime import ENV_CPU_BF16
 from tests.support.processes import kill_tree
 from tests.support.tiny_models import lm_rows, write_jsonl
-from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
+from tests.trainer.conftest import launch, start, trainer_env, write_job
 from tests.trainer.matrix import (
     ALL_CASES,
     BF16_LOGITS_ATOL,
@@ -228,11 +228,7 @@ def _run(job: Path, work: Path, *, env: dict[str, str], nproc: int = 2) -> subpr
 
 
 def _start(job: Path, work: Path, log: Path) -> subprocess.Popen[bytes]:
-    command = [PYTHON, "-m", "kubetune_trainer.launch", "--nproc-per-node=2", "-m", "kubetune_trainer"]
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [*command, "--config", str(job)], env=_env(work, BF16), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-        )
+    return start(["-m", "kubetune_trainer", "--config", str(job)], env=_env(work, BF16), log=log)
 
 
 def _losses(text: str) -> dict[int, str]:
