@@ -54,9 +54,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adapter": {"adapter": {"reductionFactor": 4}},
 }
 TAGS = ["O", "B-PER", "B-LOC"]
-# Trainer logits in bf16 against the published model's (reloaded, fp32 arithmetic on the CPU): bf16
-# rounding, plus three times what bf16 does to the reload's logits (:func:`logits_tolerance`).
-BF16_LOGITS_ATOL = 0.15
+# Trainer logits in bf16 against the published model's (reloaded, fp32 arithmetic on the CPU): a small
+# floor for kernels that round differently where bf16 barely moves the reload, plus three times what
+# bf16 does to the reload's logits (:func:`logits_tolerance`).  Over the 57 cases of the bf16 matrix
+# on an AMD EPYC without native bf16, the trainer's diff was at most 1.8x that noise; the floor was
+# 0.15 before the noise was measured, which let an adapter published with half its update pass there
+# (diff 0.152 < 0.15 + 3 x 0.007).
+BF16_LOGITS_ATOL = 0.05
 
 
 @dataclass(frozen=True)
