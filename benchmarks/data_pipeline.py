@@ -244,7 +244,7 @@ def main() -> int:
         print(json.dumps(phase_report), file=report_out)
         return 0
     with contextlib.redirect_stdout(sys.stderr):
-        from kubetune_trainer.tokenizing import available_cpus
+        from kubetune_trainer.cpus import available_cpus
 
         cores = available_cpus()
         root = Path(tempfile.mkdtemp(prefix="kubetune-data-bench-"))

@@ -72,6 +72,8 @@ def test_job_trains_checkpoints_and_publishes(
         target.write_bytes(s3.read(key))
     published = json.loads((local / "kubetune-metrics.json").read_text())
     assert published["evaluation"] == final["evaluation"]
+    # The pods' OMP_NUM_THREADS=1 (the runtime fixture): neither the launcher nor the trainer overrides it.
+    assert published["cpuThreadsPerRank"] == 1
     assert final["evaluation"]["accuracy"] >= 0.0
     loaded = subprocess.run(
         [sys.executable, "-I", "-c", LOAD_WITH_PEFT, str(assets["model"]), str(local)],

@@ -19,12 +19,14 @@ published output with plain transformers/peft in a fresh interpreter;
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.cpus import threads_per_rank
 from kubetune_trainer.spec import Task, strategy_definitions
 from tests.support.tiny_models import instruction_rows, lm_rows, ner_rows, sentiment_rows, write_jsonl
 from tests.trainer.conftest import PYTHON, REPO, launch, trainer_env, write_job
@@ -341,6 +343,8 @@ def check_case(matrix: Matrix, case: Case, *, logits_atol: float = 1e-4) -> None
     output = directory / "output"
     report = json.loads((output / "kubetune-metrics.json").read_text())
     assert report["evaluation"] == termination["evaluation"]
+    # Without an OMP_NUM_THREADS of the caller's, the launcher gives each rank its share of the CPUs.
+    assert report["cpuThreadsPerRank"] == int(os.environ.get("OMP_NUM_THREADS") or threads_per_rank(matrix.nproc))
     published_file = output / ("adapter_model.safetensors" if report["publishedAs"] == "peft" else "model.safetensors")
     published = tensors(published_file)
     assert published, "empty tensor in the published output"

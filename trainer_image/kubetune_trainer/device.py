@@ -15,7 +15,6 @@ a step touches lives where the model does, on a machine without a GPU.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,11 +103,6 @@ class Placement:
         if self.accelerated:
             return str(torch.cuda.get_device_name(self.device))
         return self.device.type
-
-
-def cpu_threads_per_rank(local_world_size: int) -> int:
-    """CPU ranks share the node's cores instead of oversubscribing them."""
-    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

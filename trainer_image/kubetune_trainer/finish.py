@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kubetune_trainer import publish
 from kubetune_trainer.config import spec_hash
 from kubetune_trainer.engine import engine_precision
@@ -39,6 +41,7 @@ def metrics_document(trainer: Trainer, evaluation: dict[str, Any]) -> dict[str, 
         "throughput": throughput,
         "worldSize": trainer.session.world_size,
         "device": trainer.session.placement.name(),
+        "cpuThreadsPerRank": torch.get_num_threads(),
         "precision": engine_precision(trainer.engine),
         "strategy": spec.strategy.type,
         "task": spec.model.task.value,

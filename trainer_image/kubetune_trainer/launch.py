@@ -8,6 +8,8 @@ so this launcher
 
 * takes SIGTERM away from torchrun's agent and forwards it to the workers,
   which finish their step, checkpoint and exit 21 (see ``loop.py``);
+* gives each rank an equal share of the CPUs the pod may use (``OMP_NUM_THREADS``,
+  unless the pod sets it; see ``cpus.py``);
 * runs ``torch.distributed.run.main(argv)`` and maps its outcome to one code.
 
 The argv is torchrun's, e.g. ``--nnodes=2 --nproc-per-node=8 --node-rank=0
@@ -16,6 +18,8 @@ The argv is torchrun's, e.g. ``--nnodes=2 --nproc-per-node=8 --node-rank=0
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -26,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from kubetune_trainer.cpus import threads_per_rank
 from kubetune_trainer.errors import read_termination_message, write_termination
 from kubetune_trainer.spec.runtime import ExitCode, is_permanent_failure
 from kubetune_trainer.spec.termination import PREEMPTED, TerminationMessage
@@ -92,6 +97,18 @@ def _failure_codes(error: Any) -> list[int]:
     return [int(failure.exitcode) for failure in error.failures.values()]
 
 
+def _ranks_per_node(torchrun_args: Sequence[str]) -> int:
+    """The ``--nproc-per-node`` of torchrun's argv as a number (1 when torchrun would reject the argv)."""
+    from torch.distributed.run import determine_local_world_size, parse_args
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torchrun itself reports a bad argv, once
+            parsed = parse_args(list(torchrun_args))  # type: ignore[no-untyped-call]
+            return int(determine_local_world_size(parsed.nproc_per_node))
+    except (SystemExit, ValueError):
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run torchrun with ``argv`` and return the exit code the pod should end with."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -104,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # agent takes SIGTERM itself, kills the workers after its shutdown timeout and hides the
     # workers' exit codes behind a SignalException.
     os.environ["PET_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    # Without it torchrun gives each of several ranks 1 thread and a single rank every core of the
+    # node (not the pod's CPU limit); the pod's own OMP_NUM_THREADS, when set, wins.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(_ranks_per_node(args))))
     forwarder = _SigtermForwarder()
     forwarder.install()
     codes: list[int]

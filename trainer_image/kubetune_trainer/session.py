@@ -19,7 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune_trainer.device import Placement, cpu_threads_per_rank
+from kubetune_trainer.cpus import threads_per_rank
+from kubetune_trainer.device import Placement
 from kubetune_trainer.spec.runtime import DEFAULT_WORK_DIR, ENV_WORK_DIR
 
 T = TypeVar("T")
@@ -104,8 +105,10 @@ def start_session() -> Session:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     placement = Placement.for_rank(local_rank)
     placement.activate()  # NCCL binds each rank to the current device when it starts
-    if not placement.accelerated:
-        torch.set_num_threads(cpu_threads_per_rank(local_world_size))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Started without the launcher (which sets it, see launch.py): torch would take every core of
+        # the node.  An OMP_NUM_THREADS that is set, the pod's or the launcher's, torch already obeys.
+        torch.set_num_threads(threads_per_rank(local_world_size))
     deepspeed.init_distributed(dist_backend="nccl" if placement.accelerated else "gloo", verbose=False)
     world_size = int(os.environ["WORLD_SIZE"])
     object_group = None

@@ -10,7 +10,6 @@ memory stays flat.  Small data (a few chunks) is encoded in-process.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import time
@@ -18,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,18 +62,6 @@ class Progress:
     chunks_total: int
     rows: int
     seconds: float
-
-
-def available_cpus() -> int:
-    """Cores this pod may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 _ENCODER: Encoder | None = None

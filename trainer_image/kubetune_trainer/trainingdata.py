@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from kubetune_trainer import chat, datacache, datasources, encoding, readers
+from kubetune_trainer.cpus import available_cpus
 from kubetune_trainer.data import Example
 from kubetune_trainer.errors import InvalidData, TrainerError
 from kubetune_trainer.packing import pack
 from kubetune_trainer.session import Session
 from kubetune_trainer.spec import FineTuneJobSpec
-from kubetune_trainer.tokenizing import Progress, RoleCounts, available_cpus, tokenize_into
+from kubetune_trainer.tokenizing import Progress, RoleCounts, tokenize_into
 from kubetune_trainer.tokenstore import FORMAT_VERSION, StoreWriter, TokenStore
 
 ROLE_NAMES = {"train": "training", "validation": "validation"}
