@@ -45,6 +45,9 @@ import _common  # the benchmarks folder is not a package
 from kubetune_operator.localpods import free_port
 
 NPROC = 2
+# Both systems, on any machine: torchrun's default for several processes.  kubetune's launcher would
+# otherwise give each rank half the machine's CPUs, and the comparison would be of thread counts.
+THREADS_PER_PROCESS = {"OMP_NUM_THREADS": "1"}
 MICRO_BATCH = 16  # per process: global batch 32
 EPOCHS = 2
 MAX_LENGTH = 64
@@ -204,7 +207,7 @@ def run_hf(strategy: str, data: dict[str, Any], work: Path, *, deepspeed_config:
     ]
     if deepspeed_config:
         cmd.append(f"--deepspeed-config={deepspeed_config}")
-    run = run_measured(cmd, env=dict(os.environ), log=out_dir / "log.txt")
+    run = run_measured(cmd, env=dict(os.environ) | THREADS_PER_PROCESS, log=out_dir / "log.txt")
     if run["returncode"] != 0:
         return {"ok": False, **run, "log_tail": tail(out_dir / "log.txt")}
     summary = json.loads((out_dir / "hf-summary.json").read_text())
@@ -325,7 +328,7 @@ def run_kubetune(strategy: str, data: dict[str, Any], work: Path) -> dict[str, A
         "--config",
         str(config),
     ]
-    run = run_measured(cmd, env=env, log=out_dir / "log.txt")
+    run = run_measured(cmd, env=env | THREADS_PER_PROCESS, log=out_dir / "log.txt")
     termination = read_json(termination_log)
     if run["returncode"] != 0:
         return {"ok": False, **run, "termination": termination, "log_tail": tail(out_dir / "log.txt")}
