@@ -45,15 +45,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def local_base_env(total_processes: int) -> dict[str, str]:
+def local_base_env(pods: int) -> dict[str, str]:
     """The environment local pods inherit: this process's, plus what a shared machine needs.
 
-    Ranks share this machine's cores, so each gets its share of threads.  The image
-    ships DeepSpeed's compiled ops; here they are JIT-built once into torch's per-user cache
-    that outlives the pods (the pod's ``HOME`` is a fresh scratch directory each time).
+    The job's ``pods`` share this machine's CPUs: the launcher in each splits the CPUs the
+    machine gives this process (its affinity and cgroup quota, not ``os.cpu_count()``) between
+    the ranks of all of them, unless ``OMP_NUM_THREADS`` is set.  The image ships DeepSpeed's
+    compiled ops; here they are JIT-built once into torch's per-user cache that outlives the
+    pods (the pod's ``HOME`` is a fresh scratch directory each time).
     """
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, total_processes))))
+    env[rt.ENV_PODS_SHARING_CPUS] = str(max(1, pods))
     # The pod's HOME is per pod; XDG_CACHE_HOME keeps torch's extension cache per user.
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     return env

@@ -164,8 +164,7 @@ class LocalRun:
         self.console.print(f"logs: {layout.root}/*.log", markup=False)
 
     def _base_env(self) -> dict[str, str]:
-        resources = self.job.spec.resources
-        return local_base_env(resources.nodes * resources.processes())
+        return local_base_env(self.job.spec.resources.nodes)
 
     def follow(self) -> int:
         """Show progress until the job ends; the run's exit code.

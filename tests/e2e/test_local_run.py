@@ -1,4 +1,4 @@
-"""`kubetune run`: two local "nodes" train for real; Ctrl-C checkpoints; running again resumes."""
+"""`kubetune run`: two local "nodes" train for real, sharing the CPUs; Ctrl-C checkpoints; running again resumes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune_trainer.cpus import threads_per_rank
 from tests.support.tiny_models import sentiment_rows, tiny_bert, write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +57,9 @@ def _job(tmp_path: Path, *, max_steps: int, every: int) -> Path:
 
 
 def _run(job: Path, storage: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}:{REPO}", "OMP_NUM_THREADS": "1"}
+    # No OMP_NUM_THREADS: as typed at a terminal, the pods' launchers split the machine between them.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = f"{REPO / 'operator'}:{REPO / 'trainer_image'}:{REPO}"
     return subprocess.Popen(
         [sys.executable, "-m", "kubetune_operator.cli", "run", str(job), "--storage", str(storage)],
         cwd=job.parent,
@@ -127,5 +130,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path, runs: list
     new_logs = _newest_pod_logs(storage)
     assert f"step-{step:08d}" in new_logs, "the second run does not say it resumed from the interrupted checkpoint"
     assert _latest(storage) == f"step-{60:08d}"
-    assert (storage / "output" / "kubetune-metrics.json").exists()
+    published = json.loads((storage / "output" / "kubetune-metrics.json").read_text())
     assert "accuracy" in output
+    # Two local pods x one rank share this machine's CPUs: one share each, not the machine each.
+    assert published["cpuThreadsPerRank"] == threads_per_rank(2)

@@ -1,7 +1,8 @@
 """The CPUs a pod may use and each rank's share of them (``cpus.py``), and the launcher's default.
 
 The real run's side is asserted where a trainer runs: the strategy matrix (no
-``OMP_NUM_THREADS``: the launcher's share) and the operator e2e (the pod's
+``OMP_NUM_THREADS``: the launcher's share), ``kubetune run`` (two local pods split
+the machine: ``tests/e2e/test_local_run.py``) and the operator e2e (the pod's
 ``OMP_NUM_THREADS=1`` wins), through ``cpuThreadsPerRank`` in kubetune-metrics.json.
 """
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.cpus import available_cpus, cgroup_cpu_quota, threads_per_rank
-from kubetune_trainer.launch import _ranks_per_node
+from kubetune_operator.localpods import local_base_env
+from kubetune_trainer.cpus import available_cpus, cgroup_cpu_quota, pods_sharing_cpus, threads_per_rank
+from kubetune_trainer.launch import _ranks_per_node, default_threads
+from kubetune_trainer.spec.runtime import ENV_PODS_SHARING_CPUS
 
 
 def affinity() -> int:
@@ -73,3 +76,21 @@ def test_the_ranks_of_a_node_share_its_cpus(ranks: int, cpus: int, threads: int)
 )
 def test_the_launcher_reads_the_ranks_per_node_from_torchruns_argv(argv: list[str], ranks: int) -> None:
     assert _ranks_per_node(argv) == ranks
+
+
+@pytest.mark.parametrize(("value", "pods"), [(None, 1), ("3", 3), ("0", 1), ("-2", 1), ("two", 1), ("", 1)])
+def test_pods_sharing_the_machine_come_from_the_environment(value: str | None, pods: int) -> None:
+    environ = {} if value is None else {ENV_PODS_SHARING_CPUS: value}
+    assert pods_sharing_cpus(environ) == pods
+
+
+def test_kubetune_run_pods_split_the_machines_cpus_between_all_their_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kubetune run: 3 local pods x 2 ranks on a 12-CPU machine get 2 threads each, not 6 (the launcher
+    # of each pod would otherwise give its 2 ranks the whole machine).
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    pod_env = local_base_env(3)
+    assert "OMP_NUM_THREADS" not in pod_env  # the launcher decides, from the CPUs this process may use
+    argv = ["--nnodes=3", "--nproc-per-node=2", "-m", "kubetune_trainer"]
+    assert default_threads(argv, pod_env, cpus=12) == 2
+    assert default_threads(argv, {}, cpus=12) == 6  # a cluster pod: the node's CPUs are its alone
+    assert default_threads(argv, pod_env) == threads_per_rank(6)  # this machine's affinity and quota

@@ -5,15 +5,19 @@ on a 128-core node, torch's default of one intra-op thread per core makes every
 rank run 128 threads on 8 CPUs' worth of quota, and the kernel throttles them
 (CFS) for most of each period.  Here the count is the process's CPU affinity
 capped by its cgroup's CPU quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``), and
-the ranks of a node split it between them.  No torch import: the tokenizer's
-worker pool and the launcher use this before any model exists.
+the ranks of a node split it between them, with the ranks of the job's other pods
+when several run on one machine (``kubetune run``).  No torch import: the
+tokenizer's worker pool and the launcher use this before any model exists.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+from kubetune_trainer.spec.runtime import ENV_PODS_SHARING_CPUS
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -43,7 +47,22 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
         return None
 
 
-def threads_per_rank(local_world_size: int, cpus: int | None = None) -> int:
-    """Intra-op threads for each of a node's ``local_world_size`` ranks: an equal share of ``cpus``
-    (default :func:`available_cpus`), at least one, so the ranks never oversubscribe the pod."""
-    return max(1, (available_cpus() if cpus is None else cpus) // max(1, local_world_size))
+def threads_per_rank(ranks: int, cpus: int | None = None) -> int:
+    """Intra-op threads for each of the ``ranks`` that share ``cpus`` (default :func:`available_cpus`):
+    an equal share, at least one, so the ranks never oversubscribe the pod."""
+    return max(1, (available_cpus() if cpus is None else cpus) // max(1, ranks))
+
+
+def pods_sharing_cpus(environ: Mapping[str, str]) -> int:
+    """How many of the job's pods split this machine's CPUs: ``KUBETUNE_PODS_SHARING_CPUS`` (``kubetune
+    run`` sets the job's node count), else 1 (a cluster pod's CPUs are its own).  A value that is not a
+    positive whole number counts as 1: more threads than a share, never a failed start."""
+    try:
+        return max(1, int(environ.get(ENV_PODS_SHARING_CPUS, "1")))
+    except ValueError:
+        return 1
+
+
+def ranks_sharing_cpus(ranks_per_pod: int, environ: Mapping[str, str]) -> int:
+    """Every rank this pod's ranks share the CPUs with: its own, times the pods on the machine."""
+    return max(1, ranks_per_pod) * pods_sharing_cpus(environ)

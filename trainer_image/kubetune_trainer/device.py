@@ -41,7 +41,7 @@ class Placement:
         return self.device.type == "cuda"
 
     def activate(self) -> None:
-        """Make this the current CUDA device (before NCCL starts); CPU: share the node's cores between ranks."""
+        """Make this the current CUDA device (before NCCL starts); nothing to do on the CPU."""
         if self.accelerated:
             torch.cuda.set_device(self.device)
 

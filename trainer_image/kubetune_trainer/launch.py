@@ -9,7 +9,8 @@ so this launcher
 * takes SIGTERM away from torchrun's agent and forwards it to the workers,
   which finish their step, checkpoint and exit 21 (see ``loop.py``);
 * gives each rank an equal share of the CPUs the pod may use (``OMP_NUM_THREADS``,
-  unless the pod sets it; see ``cpus.py``);
+  unless the pod sets it), shared with the job's other pods on the same machine
+  under ``kubetune run`` (see ``cpus.py``);
 * runs ``torch.distributed.run.main(argv)`` and maps its outcome to one code.
 
 The argv is torchrun's, e.g. ``--nnodes=2 --nproc-per-node=8 --node-rank=0
@@ -30,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from kubetune_trainer.cpus import threads_per_rank
+from kubetune_trainer.cpus import ranks_sharing_cpus, threads_per_rank
 from kubetune_trainer.errors import read_termination_message, write_termination
 from kubetune_trainer.spec.runtime import ExitCode, is_permanent_failure
 from kubetune_trainer.spec.termination import PREEMPTED, TerminationMessage
@@ -109,6 +110,13 @@ def _ranks_per_node(torchrun_args: Sequence[str]) -> int:
         return 1
 
 
+def default_threads(torchrun_args: Sequence[str], environ: Mapping[str, str], cpus: int | None = None) -> int:
+    """``OMP_NUM_THREADS`` for a pod that sets none: the CPUs it may use (``cpus``, default
+    :func:`~kubetune_trainer.cpus.available_cpus`) split between its ranks and those of the job's
+    other pods on this machine (``KUBETUNE_PODS_SHARING_CPUS``, set by ``kubetune run``)."""
+    return threads_per_rank(ranks_sharing_cpus(_ranks_per_node(torchrun_args), environ), cpus)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run torchrun with ``argv`` and return the exit code the pod should end with."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["PET_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
     # Without it torchrun gives each of several ranks 1 thread and a single rank every core of the
     # node (not the pod's CPU limit); the pod's own OMP_NUM_THREADS, when set, wins.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(_ranks_per_node(args))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads(args, os.environ)))
     forwarder = _SigtermForwarder()
     forwarder.install()
     codes: list[int]

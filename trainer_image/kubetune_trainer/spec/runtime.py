@@ -50,6 +50,10 @@ ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # where pvc://CLAIM/... volumes are mounted
 ENV_JOB_UID = "KUBETUNE_JOB_UID"  # the FineTuneJob's uid: checkpoints of this very job always resume
 ENV_PLUGINS = "KUBETUNE_PLUGINS"  # modules that register strategies or storage schemes (platform configuration)
+# How many of the job's pods share this machine's CPUs: `kubetune run` sets it to the job's node count
+# (every "node" is a process group on one machine); unset in a cluster, where each pod has CPUs of its
+# own.  The launcher splits the CPUs between the ranks of all of them (kubetune_trainer/cpus.py).
+ENV_PODS_SHARING_CPUS = "KUBETUNE_PODS_SHARING_CPUS"
 # "1": a CPU run trains in bf16 when the spec asks for it, instead of falling back to fp32.  The GPU's
 # half-precision path (DeepSpeed's bf16 optimizer, dtype casts) then runs on a machine without a GPU
 # (the CI guard tests/trainer/test_precision.py); slow on CPUs without bf16 instructions.
