@@ -63,6 +63,7 @@ def pods_sharing_cpus(environ: Mapping[str, str]) -> int:
         return 1
 
 
-def ranks_sharing_cpus(ranks_per_pod: int, environ: Mapping[str, str]) -> int:
-    """Every rank this pod's ranks share the CPUs with: its own, times the pods on the machine."""
-    return max(1, ranks_per_pod) * pods_sharing_cpus(environ)
+def pod_threads_per_rank(ranks_per_pod: int, environ: Mapping[str, str], cpus: int | None = None) -> int:
+    """Threads for each of this pod's ranks when nothing set ``OMP_NUM_THREADS``: ``cpus`` (default
+    :func:`available_cpus`) split between its ranks and those of the pods it shares the machine with."""
+    return threads_per_rank(max(1, ranks_per_pod) * pods_sharing_cpus(environ), cpus)

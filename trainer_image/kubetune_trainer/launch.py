@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from kubetune_trainer.cpus import ranks_sharing_cpus, threads_per_rank
+from kubetune_trainer.cpus import pod_threads_per_rank
 from kubetune_trainer.errors import read_termination_message, write_termination
 from kubetune_trainer.spec.runtime import ExitCode, is_permanent_failure
 from kubetune_trainer.spec.termination import PREEMPTED, TerminationMessage
@@ -114,7 +114,7 @@ def default_threads(torchrun_args: Sequence[str], environ: Mapping[str, str], cp
     """``OMP_NUM_THREADS`` for a pod that sets none: the CPUs it may use (``cpus``, default
     :func:`~kubetune_trainer.cpus.available_cpus`) split between its ranks and those of the job's
     other pods on this machine (``KUBETUNE_PODS_SHARING_CPUS``, set by ``kubetune run``)."""
-    return threads_per_rank(ranks_sharing_cpus(_ranks_per_node(torchrun_args), environ), cpus)
+    return pod_threads_per_rank(_ranks_per_node(torchrun_args), environ, cpus)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune_trainer.cpus import ranks_sharing_cpus, threads_per_rank
+from kubetune_trainer.cpus import pod_threads_per_rank
 from kubetune_trainer.device import Placement
 from kubetune_trainer.spec.runtime import DEFAULT_WORK_DIR, ENV_WORK_DIR
 
@@ -108,7 +108,7 @@ def start_session() -> Session:
     if "OMP_NUM_THREADS" not in os.environ:
         # Started without the launcher (which sets it, see launch.py): torch would take every core of
         # the node.  An OMP_NUM_THREADS that is set, the pod's or the launcher's, torch already obeys.
-        torch.set_num_threads(threads_per_rank(ranks_sharing_cpus(local_world_size, os.environ)))
+        torch.set_num_threads(pod_threads_per_rank(local_world_size, os.environ))
     deepspeed.init_distributed(dist_backend="nccl" if placement.accelerated else "gloo", verbose=False)
     world_size = int(os.environ["WORLD_SIZE"])
     object_group = None
