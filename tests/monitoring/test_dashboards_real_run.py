@@ -92,7 +92,8 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
     from kubetune_operator.main import start_in_thread
     from kubetune_operator.settings import OperatorSettings
     from kubetune_trainer.spec import FineTuneJob
-    from tests.support.kube import EmulatorServer, JobController, wait_for
+    from tests.support.cluster import FakeCluster
+    from tests.support.kube import EmulatorServer, wait_for
 
     tmp_path = tmp_path_factory.mktemp("real-run")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -106,7 +107,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
         result = LiveRun()
         with EmulatorServer([LABELS["namespace"]]) as cluster:
             client = cluster.client()
-            controller = JobController(client).start(interval=0.2)
+            controller = FakeCluster(client).start(interval=0.2)
             settings = OperatorSettings(
                 default_checkpoint_uri="s3://ckpt",
                 metrics_port=_free_port(),
@@ -118,7 +119,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
             operator = start_in_thread(settings, connection=kopf.ConnectionInfo(server=cluster.url))
             try:
                 operator.wait_ready(60)
-                # The operator reconciles the same job (its pods are played by the emulator's Job controller).
+                # The operator reconciles the same job (its pods are played by the fake cluster).
                 client.create("kubetune.io/v1alpha1", "finetunejobs", LABELS["namespace"], manifest)
                 run.start()
                 trainer = [f"127.0.0.1:{pod.launch.metrics_port}" for pod in run.pods]
