@@ -281,14 +281,16 @@ async def refresh_progress(
         return False
     running = next((x for x in status.get("conditions") or [] if x.get("type") == ConditionType.RUNNING.value), None)
     since = c.parse_time(running.get("lastTransitionTime")) if running else None
-    progress = with_step_time(parsed[0], status.get("progress") or {}, since, moment)
+    known = status.get("progress") or {}
+    # What the trainer has not stated yet (a restarted pod loading) keeps its last known value.
+    progress = with_step_time({**known, **parsed[0]}, known, since, moment)
     checkpoint = parsed[1]
     patch: dict[str, Any] = {"progress": progress}
     if checkpoint:
         merged = {**(status.get("checkpoint") or {}), **checkpoint}
         merged["uri"] = job.checkpoint_step_uri(int(checkpoint["step"]))
         patch["checkpoint"] = merged
-    old_progress = {k: v for k, v in (status.get("progress") or {}).items() if k not in VOLATILE_PROGRESS}
+    old_progress = {k: v for k, v in known.items() if k not in VOLATILE_PROGRESS}
     new_progress = {k: v for k, v in progress.items() if k not in VOLATILE_PROGRESS}
     if old_progress == new_progress and patch.get("checkpoint", status.get("checkpoint")) == status.get("checkpoint"):
         return False

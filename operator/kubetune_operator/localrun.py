@@ -114,6 +114,24 @@ def read_progress(port: int, now: datetime) -> tuple[dict[str, Any], dict[str, A
     return parse_progress(text, now)
 
 
+def bar_fields(progress: dict[str, Any]) -> dict[str, Any]:
+    """The progress bar's fields for what ``progress`` states; a field it leaves out keeps its value
+    (a restarted attempt's pods loading state no step, loss or rate yet)."""
+    fields: dict[str, Any] = {}
+    if "step" in progress:
+        total = progress.get("totalSteps")
+        fields |= {"completed": progress["step"], "steps": f"{progress['step']}/{total or '?'}"}
+        if total:
+            fields["total"] = total
+    if "loss" in progress:
+        fields["loss"] = f"{progress['loss']:.4f}"
+    if "samplesPerSecond" in progress:
+        fields["rate"] = str(progress["samplesPerSecond"])
+    if "eta" in progress:
+        fields["eta"] = str(progress["eta"])[11:19]
+    return fields
+
+
 def _summary_table(job: ResolvedJob, message: TerminationMessage | None, wall_seconds: float) -> Table:
     table = Table(title="kubetune run", show_header=False)
     message = message or TerminationMessage(reason="Succeeded")
@@ -195,7 +213,9 @@ class LocalRun:
                     self.restarts += 1
                 time.sleep(0 if verdict.preempted else self.job.spec.run_policy.backoff_seconds)
                 self.start(self.attempt + 1)
-        message = TerminationMessage.parse(self.pods[0].termination_message())
+            message = TerminationMessage.parse(self.pods[0].termination_message())
+            if message is not None and message.step is not None:  # the last read may predate the last step
+                bar.update(task, **bar_fields({"step": message.step, "totalSteps": bar.tasks[0].total}))
         self.console.print(_summary_table(self.job, message, time.monotonic() - started))
         return 0
 
@@ -212,16 +232,7 @@ class LocalRun:
                 return None
             found = read_progress(self.pods[0].launch.metrics_port, datetime.now(UTC))
             if found:
-                progress, _checkpoint = found
-                bar.update(
-                    task,
-                    total=progress.get("totalSteps"),
-                    completed=progress.get("step", 0),
-                    steps=f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
-                    loss=f"{progress['loss']:.4f}" if "loss" in progress else "-",
-                    rate=str(progress.get("samplesPerSecond", "-")),
-                    eta=str(progress.get("eta", "-"))[11:19] or "-",
-                )
+                bar.update(task, **bar_fields(found[0]))
             time.sleep(self.options.poll_seconds)
 
     def _attempt_state(self) -> AttemptState:

@@ -33,9 +33,15 @@ def _value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **
 
 
 def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(progress, checkpoint)`` in the status' camelCase, or None when the text holds no
-    training step yet (or is not Prometheus text).  ``checkpoint`` is ``{}`` before the
-    first committed checkpoint."""
+    """``(progress, checkpoint)`` in the status' camelCase, or None when the text is not a trainer's
+    metrics (or not Prometheus text).  ``checkpoint`` is ``{}`` before the first committed checkpoint.
+
+    A trainer's gauges read 0 from its start, before they mean anything, so ``progress`` holds only
+    what the trainer has stated: ``step``, ``totalSteps`` and ``epoch`` once it has restored its
+    checkpoint (``kubetune_trainer_total_steps`` > 0), and the loss, throughput, MFU and ETA once this
+    process has finished an optimizer step (``kubetune_trainer_last_step_timestamp_seconds`` > 0).
+    A restarted pod thus never reports step 0 or a loss of 0 while it loads; the caller keeps the
+    values it had."""
     try:
         samples = _samples(metrics_text)
     except (ValueError, TypeError):
@@ -43,28 +49,17 @@ def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], di
     step = _value(samples, m.STEP.name)
     if step is None:
         return None
-    progress: dict[str, Any] = {"step": int(step)}
+    progress: dict[str, Any] = {}
     total = _value(samples, m.TOTAL_STEPS.name)
     if total is not None and total > 0:
+        progress["step"] = int(step)
         progress["totalSteps"] = int(total)
-    epoch = _value(samples, m.EPOCH.name)
-    if epoch is not None:
-        progress["epoch"] = round(epoch, 4)
-    loss = _value(samples, m.LOSS.name, component="total")
-    if loss is None:
-        loss = _value(samples, m.LOSS.name)
-    if loss is not None:
-        progress["loss"] = round(loss, 6)
-    for name, key in ((m.SAMPLES_PER_SECOND.name, "samplesPerSecond"), (m.TOKENS_PER_SECOND.name, "tokensPerSecond")):
-        rate = _value(samples, name)
-        if rate is not None:
-            progress[key] = round(rate, 3)
-    mfu = _value(samples, m.MODEL_FLOPS_UTILIZATION.name)
-    if mfu is not None and mfu > 0:
-        progress["modelFlopsUtilization"] = round(mfu, 4)
-    eta = _value(samples, m.ETA_SECONDS.name)
-    if eta is not None and eta >= 0:
-        progress["eta"] = rfc3339(now + timedelta(seconds=eta))
+        epoch = _value(samples, m.EPOCH.name)
+        if epoch is not None:
+            progress["epoch"] = round(epoch, 4)
+    last_step = _value(samples, m.LAST_STEP_TIMESTAMP.name)
+    if last_step is not None and last_step > 0:
+        progress |= _step_figures(samples, now)
     progress["updated"] = rfc3339(now)
     checkpoint: dict[str, Any] = {}
     checkpoint_step = _value(samples, m.CHECKPOINT_STEP.name)
@@ -74,6 +69,27 @@ def parse_progress(metrics_text: str, now: datetime) -> tuple[dict[str, Any], di
         if stamp is not None and stamp > 0:
             checkpoint["time"] = rfc3339(datetime.fromtimestamp(stamp, tz=UTC))
     return progress, checkpoint
+
+
+def _step_figures(samples: dict[str, list[tuple[dict[str, str], float]]], now: datetime) -> dict[str, Any]:
+    """The last step's loss, throughput, MFU and the ETA it implies."""
+    figures: dict[str, Any] = {}
+    loss = _value(samples, m.LOSS.name, component="total")
+    if loss is None:
+        loss = _value(samples, m.LOSS.name)
+    if loss is not None:
+        figures["loss"] = round(loss, 6)
+    for name, key in ((m.SAMPLES_PER_SECOND.name, "samplesPerSecond"), (m.TOKENS_PER_SECOND.name, "tokensPerSecond")):
+        rate = _value(samples, name)
+        if rate is not None:
+            figures[key] = round(rate, 3)
+    mfu = _value(samples, m.MODEL_FLOPS_UTILIZATION.name)
+    if mfu is not None and mfu > 0:
+        figures["modelFlopsUtilization"] = round(mfu, 4)
+    eta = _value(samples, m.ETA_SECONDS.name)
+    if eta is not None and eta >= 0:
+        figures["eta"] = rfc3339(now + timedelta(seconds=eta))
+    return figures
 
 
 def with_step_time(

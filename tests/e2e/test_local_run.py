@@ -132,5 +132,14 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path, runs: list
     assert _latest(storage) == f"step-{60:08d}"
     published = json.loads((storage / "output" / "kubetune-metrics.json").read_text())
     assert "accuracy" in output
+    assert "60/60 steps" in output  # the bar's last frame: the last step, whenever the last read was
     # Two local pods x one rank share this machine's CPUs: one share each, not the machine each.
     assert published["cpuThreadsPerRank"] == threads_per_rank(2)
+
+    # Once more, finished: it resumes at the last step and runs none; the bar shows that step, not step 0
+    # and a loss of 0 (the gauges of a trainer that has taken no step in this process).
+    third = _run(job, storage)
+    runs.append(third)
+    output, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, output
+    assert "60/60 steps loss - " in output, output

@@ -55,9 +55,12 @@ def test_job_trains_checkpoints_and_publishes(
     assert phases.index("Running") < phases.index("Succeeded")
     assert conditions(final)["Created"]["status"] == "True"
     assert conditions(final)["Succeeded"]["status"] == "True"
-    assert any(s.get("progress", {}).get("step") for s in seen if s.get("phase") == "Running"), (
-        "status.progress stayed empty while the job ran"
-    )
+    running = [s.get("progress") or {} for s in seen if s.get("phase") == "Running"]
+    assert any(p.get("step") for p in running), "status.progress stayed empty while the job ran"
+    # While the trainer loaded, its gauges read 0: the status states no step 0 loss, and never steps back.
+    assert all(p["step"] >= 1 for p in running if "loss" in p), running
+    steps = [p["step"] for p in running if "step" in p]
+    assert steps == sorted(steps), steps
     assert final["restarts"] == 0
     assert final.get("completionTime")
     assert attempt_jobs(client, "sentiment") == ["sentiment-a1"]

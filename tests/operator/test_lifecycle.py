@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
 from kubetune_operator.builders import desired_children
 from kubetune_operator.main import OperatorHandle
 from kubetune_operator.resolve import load_job
+from kubetune_trainer.metrics import TrainerMetrics
 from tests.operator.conftest import FTJ, NAMESPACE, MetricsRoutes, job_manifest
 from tests.operator.helpers import TIMEOUT, condition, create, events, job_names, status, wait_phase
 from tests.support.cluster import FakeCluster
@@ -252,6 +253,37 @@ def trainer_metrics() -> Iterator[tuple[str, CollectorRegistry]]:
         yield url, registry
 
 
+def _trained(metrics: TrainerMetrics, step: int, loss: float) -> None:
+    """The trainer's own record of optimizer step ``step`` of a 400-step job (2 s each, 1,234.5 tokens/s)."""
+    metrics.record_step(
+        step=step,
+        epoch=step / 100,
+        losses={"total": loss, "task": loss, "auxiliary": 0.0, "l2sp": 0.0},
+        learning_rate=1e-4,
+        grad_norm=None,
+        samples=16,
+        tokens=2469,
+        seconds=2.0,
+        total_steps=400,
+    )
+
+
+def _trainer_at(registry: CollectorRegistry, step: int, loss: float) -> TrainerMetrics:
+    """A trainer's metrics in ``registry`` after ``step`` steps from a fresh start."""
+    metrics = TrainerMetrics(registry)
+    metrics.record_start(step=0, epoch=0.0, total_steps=400)
+    _trained(metrics, step, loss)
+    return metrics
+
+
+def _running_job_reads(client: Client, routes: MetricsRoutes, name: str, url: str, step: int) -> None:
+    """Create FineTuneJob ``name`` with rank 0's metrics at ``url``; wait until its status shows ``step``."""
+    routes.routes[name] = url
+    create(client, job_manifest(name))
+    wait_phase(client, name, "Running")
+    wait_for(lambda: (status(client, name).get("progress") or {}).get("step") == step, TIMEOUT, what="progress")
+
+
 def test_progress_from_a_real_metrics_endpoint(
     operator: OperatorHandle,
     client: Client,
@@ -259,33 +291,51 @@ def test_progress_from_a_real_metrics_endpoint(
     trainer_metrics: tuple[str, CollectorRegistry],
 ) -> None:
     url, registry = trainer_metrics
-    step = Gauge("kubetune_trainer_step", "step", registry=registry)
-    step.set(40)
-    Gauge("kubetune_trainer_total_steps", "total", registry=registry).set(400)
-    Gauge("kubetune_trainer_epoch", "epoch", registry=registry).set(0.3)
-    Gauge("kubetune_trainer_loss", "loss", ["component"], registry=registry).labels("total").set(0.52)
-    Gauge("kubetune_trainer_tokens_per_second", "tps", registry=registry).set(1234.5)
-    Gauge("kubetune_trainer_eta_seconds", "eta", registry=registry).set(600)
-    Gauge("kubetune_trainer_checkpoint_step", "c", registry=registry).set(25)
-    Gauge("kubetune_trainer_checkpoint_timestamp_seconds", "t", registry=registry).set(time.time())
-    routes.routes["t-progress"] = url
-    create(client, job_manifest("t-progress"))
-    wait_phase(client, "t-progress", "Running")
-    wait_for(lambda: (status(client, "t-progress").get("progress") or {}).get("step") == 40, TIMEOUT, what="progress")
+    metrics = _trainer_at(registry, 40, 0.52)
+    metrics.checkpoint_step.set(25)
+    metrics.checkpoint_timestamp_seconds.set(time.time())
+    _running_job_reads(client, routes, "t-progress", url, 40)
     st = status(client, "t-progress")
     assert st["progress"]["totalSteps"] == 400
     assert st["progress"]["loss"] == 0.52
     assert st["progress"]["tokensPerSecond"] == 1234.5
     eta = datetime.fromisoformat(st["progress"]["eta"].replace("Z", "+00:00"))
-    assert 500 < (eta - datetime.now(UTC)).total_seconds() < 700
+    assert 620 < (eta - datetime.now(UTC)).total_seconds() < 820  # 360 steps left at 2 s each
     assert st["checkpoint"]["step"] == 25
     assert st["checkpoint"]["uri"] == "s3://ckpt/ml/reviews-lora/checkpoints/step-00000025"
-    step.set(41)
+    _trained(metrics, 41, 0.5)
     wait_for(lambda: status(client, "t-progress")["progress"]["step"] == 41, TIMEOUT, what="progress moves")
     routes.routes["t-progress"] = "http://127.0.0.1:9/metrics"  # unreachable: the phase must not change
     time.sleep(1.5)
     assert status(client, "t-progress")["phase"] == "Running"
     assert status(client, "t-progress")["progress"]["step"] == 41
+
+
+def test_a_restarted_trainer_loading_leaves_the_progress_it_has_not_restated(
+    operator: OperatorHandle,
+    client: Client,
+    routes: MetricsRoutes,
+    trainer_metrics: tuple[str, CollectorRegistry],
+) -> None:
+    url, registry = trainer_metrics
+    _trainer_at(registry, 41, 0.5)
+    _running_job_reads(client, routes, "t-restart", url, 41)
+
+    # Rank 0's new process serves its metrics from its start, all 0 while it loads the model and checkpoint.
+    fresh = CollectorRegistry()
+    restarted = TrainerMetrics(fresh)
+    with serving(fresh) as restarted_url:
+        routes.routes["t-restart"] = restarted_url
+        time.sleep(3.5)  # three reads of the loading trainer
+        loading = status(client, "t-restart")["progress"]
+        assert (loading["step"], loading["loss"], loading["tokensPerSecond"]) == (41, 0.5, 1234.5), loading
+        restarted.record_start(step=25, epoch=0.25, total_steps=400)  # restored the checkpoint of step 25
+        wait_for(lambda: status(client, "t-restart")["progress"]["step"] == 25, TIMEOUT, what="the resumed step")
+        resumed = status(client, "t-restart")["progress"]
+        assert (resumed["epoch"], resumed["loss"]) == (0.25, 0.5), resumed  # the last loss known until a step
+        _trained(restarted, 26, 0.61)
+        wait_for(lambda: status(client, "t-restart")["progress"].get("loss") == 0.61, TIMEOUT, what="the new loss")
+        assert status(client, "t-restart")["progress"]["step"] == 26
 
 
 def test_operator_metrics_and_health(operator: OperatorHandle, client: Client) -> None:

@@ -66,3 +66,21 @@ def test_endpoint_serves_the_contract_names() -> None:
     # Bounded labels only: component, metric, phase, kind, reason (and the histogram's le).
     labels = set(re.findall(r"[{,]([a-z_]+)=", body))
     assert labels <= {"component", "metric", "phase", "kind", "reason", "le"}, labels
+
+
+def test_a_starting_trainer_exports_no_loss_and_no_position_until_it_states_them() -> None:
+    metrics = TrainerMetrics()
+    port = metrics.serve(0)
+
+    def body() -> str:
+        return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+    loading = body()
+    assert "kubetune_trainer_loss{" not in loading  # no loss of 0 before the first step
+    assert "kubetune_trainer_total_steps 0.0" in loading  # not yet placed: readers ignore the step
+    metrics.record_start(step=40, epoch=1.25, total_steps=96)  # resumed from the checkpoint of step 40
+    placed = body()
+    assert "kubetune_trainer_step 40.0" in placed
+    assert "kubetune_trainer_epoch 1.25" in placed
+    assert "kubetune_trainer_total_steps 96.0" in placed
+    assert "kubetune_trainer_loss{" not in placed

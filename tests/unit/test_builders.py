@@ -14,7 +14,7 @@ from urllib.request import urlopen
 import kubernetes_validate
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from kubetune_operator import names
 from kubetune_operator.builders import desired_children
@@ -22,6 +22,7 @@ from kubetune_operator.progress import parse_progress
 from kubetune_operator.render import render_manifests
 from kubetune_operator.resolve import InvalidSpec, load_job, parse_job, resolve_job
 from kubetune_operator.settings import OperatorSettings, SettingsError, load_settings
+from kubetune_trainer.metrics import TrainerMetrics
 from tests.support.metrics_endpoint import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,33 +278,37 @@ def trainer_endpoint() -> Iterator[tuple[str, CollectorRegistry]]:
         yield url, registry
 
 
-def publish_trainer_metrics(registry: CollectorRegistry, *, step: int, checkpoint_step: int) -> None:
-    """Register and set the trainer's metrics the way the trainer does (same names and labels)."""
-    Gauge("kubetune_trainer_step", "steps", registry=registry).set(step)
-    Gauge("kubetune_trainer_total_steps", "total", registry=registry).set(3000)
-    Gauge("kubetune_trainer_epoch", "epoch", registry=registry).set(1.2)
-    loss = Gauge("kubetune_trainer_loss", "loss", ["component"], registry=registry)
-    loss.labels("total").set(0.31)
-    loss.labels("task").set(0.29)
-    Gauge("kubetune_trainer_tokens_per_second", "tps", registry=registry).set(5400.5)
-    Gauge("kubetune_trainer_samples_per_second", "sps", registry=registry).set(42.0)
-    Gauge("kubetune_trainer_model_flops_utilization", "mfu", registry=registry).set(0.4123456)
-    Gauge("kubetune_trainer_eta_seconds", "eta", registry=registry).set(3600)
-    Counter("kubetune_trainer_tokens_total", "tokens", registry=registry).inc(1e6)
-    Histogram("kubetune_trainer_step_seconds", "step", registry=registry).observe(0.2)
-    Gauge("kubetune_trainer_checkpoint_step", "ckpt", registry=registry).set(checkpoint_step)
-    Gauge("kubetune_trainer_checkpoint_timestamp_seconds", "ckpt t", registry=registry).set(
-        datetime(2026, 1, 2, 3, 0, 0, tzinfo=UTC).timestamp()
+def publish_trainer_metrics(registry: CollectorRegistry, *, step: int, checkpoint_step: int) -> TrainerMetrics:
+    """The trainer's own metrics after ``step`` of 3,000 steps, its last checkpoint at ``checkpoint_step``."""
+    metrics = TrainerMetrics(registry)
+    metrics.record_start(step=checkpoint_step, epoch=1.0, total_steps=3000)
+    metrics.record_step(
+        step=step,
+        epoch=1.2,
+        losses={"total": 0.31, "task": 0.29, "auxiliary": 0.0, "l2sp": 0.02},
+        learning_rate=1e-4,
+        grad_norm=1.5,
+        samples=21,
+        tokens=2700,
+        seconds=0.5,
+        total_steps=3000,
     )
+    metrics.model_flops_utilization.set(0.4123456)
+    metrics.checkpoint_step.set(checkpoint_step)
+    metrics.checkpoint_timestamp_seconds.set(datetime(2026, 1, 2, 3, 0, 0, tzinfo=UTC).timestamp())
+    return metrics
+
+
+def _read(url: str) -> str:
+    with urlopen(url) as response:  # noqa: S310 (loopback)
+        return str(response.read().decode())
 
 
 def test_progress_from_a_real_prometheus_endpoint(trainer_endpoint: tuple[str, CollectorRegistry]) -> None:
     url, registry = trainer_endpoint
     publish_trainer_metrics(registry, step=1200, checkpoint_step=1000)
-    with urlopen(url) as response:  # noqa: S310 (loopback)
-        text = response.read().decode()
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    parsed = parse_progress(text, now)
+    parsed = parse_progress(_read(url), now)
     assert parsed is not None
     progress, checkpoint = parsed
     assert progress == {
@@ -312,12 +317,44 @@ def test_progress_from_a_real_prometheus_endpoint(trainer_endpoint: tuple[str, C
         "epoch": 1.2,
         "loss": 0.31,
         "samplesPerSecond": 42.0,
-        "tokensPerSecond": 5400.5,
+        "tokensPerSecond": 5400.0,
         "modelFlopsUtilization": 0.4123,
-        "eta": "2026-01-02T04:04:05Z",
+        "eta": "2026-01-02T03:19:05Z",  # 1,800 steps left at 0.5 s each
         "updated": "2026-01-02T03:04:05Z",
     }
     assert checkpoint == {"step": 1000, "time": "2026-01-02T03:00:00Z"}
+
+
+def test_a_restarted_trainer_states_its_step_once_restored_and_its_loss_after_a_step(
+    trainer_endpoint: tuple[str, CollectorRegistry],
+) -> None:
+    # A restarted pod serves its metrics from the start, while it still loads the model and the checkpoint:
+    # its gauges read 0 then, and must not take the job's progress back to step 0 with a loss of 0.
+    url, registry = trainer_endpoint
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    metrics = TrainerMetrics(registry)
+    assert parse_progress(_read(url), now) == ({"updated": "2026-01-02T03:04:05Z"}, {})
+    metrics.record_start(step=1000, epoch=1.0, total_steps=3000)  # the checkpoint of step 1000 is restored
+    parsed = parse_progress(_read(url), now)
+    assert parsed is not None
+    assert parsed[0] == {"step": 1000, "totalSteps": 3000, "epoch": 1.0, "updated": "2026-01-02T03:04:05Z"}
+    metrics.record_step(
+        step=1001,
+        epoch=1.0012,
+        losses={"total": 0.4, "task": 0.4, "auxiliary": 0.0, "l2sp": 0.0},
+        learning_rate=1e-4,
+        grad_norm=None,
+        samples=8,
+        tokens=800,
+        seconds=2.0,
+        total_steps=3000,
+    )
+    parsed = parse_progress(_read(url), now)
+    assert parsed is not None
+    assert parsed[0]["step"] == 1001
+    assert parsed[0]["loss"] == 0.4
+    assert parsed[0]["samplesPerSecond"] == 4.0
+    assert parsed[0]["eta"] == "2026-01-02T04:10:43Z"  # 1,999 steps left at 2 s each
 
 
 def test_progress_before_training_or_garbage() -> None:
@@ -327,4 +364,4 @@ def test_progress_before_training_or_garbage() -> None:
     assert parse_progress("<html>not metrics", now) is None
     parsed = parse_progress("kubetune_trainer_step 0\nkubetune_trainer_checkpoint_step 0\n", now)
     assert parsed is not None
-    assert parsed[1] == {}
+    assert parsed == ({"updated": "2026-01-02T00:00:00Z"}, {})

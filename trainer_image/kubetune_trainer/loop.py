@@ -311,7 +311,6 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
     )
     metrics.trainable_parameters.set(built.trainable)
     metrics.parameters.set(built.total)
-    metrics.total_steps.set(inputs.total_steps)
     session.log(f"strategy {spec.strategy.type}: {built.trainable:,} trainable of {built.total:,} parameters")
     engine = start_engine(built, spec, inputs.ds_config, session)
     seed_everything(spec.training.seed + 7919 * session.rank)  # dropout differs per rank, reproducibly
@@ -329,6 +328,7 @@ def setup(job: FineTuneJob, session: Session) -> Trainer:
     state = TrainState(batches_per_epoch=inputs.sampler.batches_per_epoch(), early=early_stopping_for(spec))
     checkpoints = Checkpoints(spec, spec_hash=spec_hash(job), work_dir=scratch, metrics=metrics)
     checkpoints.restore(engine, state, session)
+    metrics.record_start(step=state.step, epoch=state.epoch, total_steps=inputs.total_steps)
     validation = inputs.data.validation
     micro = spec.training.micro_batch_size
     evaluator = Evaluator(validation, objective, batcher, session, micro, inputs.labels) if validation else None

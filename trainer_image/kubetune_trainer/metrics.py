@@ -48,8 +48,8 @@ class TrainerMetrics:
         self.trainable_parameters = m.instrument(m.TRAINABLE_PARAMETERS, r)
         self.parameters = m.instrument(m.PARAMETERS, r)
         self.examples_dropped_total = m.instrument(m.EXAMPLES_DROPPED_TOTAL, r)
-        for component in m.LOSS_COMPONENTS:
-            self.loss.labels(component=component)
+        # No loss series until the first step: a pre-created child would export a loss of 0 from the
+        # pod's start (a dip to 0 on every restart in the loss panel, a lower baseline for LossRising).
         for reason in m.EXAMPLES_DROPPED_TOTAL.labels["reason"]:
             self.examples_dropped_total.labels(reason=reason)
 
@@ -64,6 +64,16 @@ class TrainerMetrics:
         chosen = port if port is not None else int(os.environ.get(ENV_METRICS_PORT, DEFAULT_METRICS_PORT))
         server, _ = start_http_server(chosen, registry=self.registry)
         return int(server.server_port)  # the real one when 0 asked for any free port
+
+    def record_start(self, *, step: int, epoch: float, total_steps: int) -> None:
+        """Where this run starts, once its checkpoint is restored (step 0 on a fresh start).
+
+        Until then ``kubetune_trainer_total_steps`` reads 0, which tells a reader (the operator, ``kubetune
+        run``) that ``kubetune_trainer_step`` is not yet the job's position: a restarted pod's fresh gauges
+        would otherwise set its progress back to step 0 while it loads."""
+        self.step.set(step)
+        self.epoch.set(epoch)
+        self.total_steps.set(total_steps)
 
     def record_step(
         self,

@@ -74,8 +74,10 @@ class MetricSpec:
 
 # -- the trainer (each pod's local rank 0, named container port "metrics")
 
-STEP = MetricSpec("kubetune_trainer_step", "gauge", "Optimizer steps completed.")
-TOTAL_STEPS = MetricSpec("kubetune_trainer_total_steps", "gauge", "Optimizer steps the job will run.")
+STEP = MetricSpec("kubetune_trainer_step", "gauge", "Optimizer steps completed, counting those before a resume.")
+TOTAL_STEPS = MetricSpec(
+    "kubetune_trainer_total_steps", "gauge", "Optimizer steps the job will run; 0 until the checkpoint is restored."
+)
 EPOCH = MetricSpec("kubetune_trainer_epoch", "gauge", "Current epoch (fractional).")
 LOSS = MetricSpec(
     "kubetune_trainer_loss", "gauge", "Training loss of the last step by component.", {"component": LOSS_COMPONENTS}
