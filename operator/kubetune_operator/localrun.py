@@ -12,10 +12,13 @@ running the same command again resumes from it.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,9 +102,20 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[ResolvedJob, Pa
     )
     output = spec.output.model_copy(update={"uri": None})
     local_spec = spec.model_copy(update={"resources": resources, "checkpoint": checkpoint, "output": output})
-    local = job.model_copy(update={"spec": local_spec})
+    wire = job.model_copy(update={"spec": local_spec}).to_wire()
+    wire["metadata"]["uid"] = local_job_uid(storage, wire["spec"])
     # Re-validate: overrides must obey the same rules as the manifest.
-    return resolve_job(FineTuneJob.model_validate(local.to_wire()), local_settings()), storage
+    return resolve_job(FineTuneJob.model_validate(wire), local_settings()), storage
+
+
+def local_job_uid(storage: Path, spec: Mapping[str, Any]) -> str:
+    """The uid ``kubetune run`` gives a job, where no API server assigns one: the same for the same spec
+    in the same storage folder, so a run started again resumes its own checkpoints, as a cluster job's
+    next attempt does (whatever ``checkpoint.resume`` says).  An edited spec is another job, as an
+    edited manifest is in a cluster (deleted and re-created): it meets the old checkpoints through
+    ``checkpoint.resume`` (compatible fields resume; another model fails with a clear message)."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kubetune-run:{storage}:{canonical}"))
 
 
 def read_progress(port: int, now: datetime) -> tuple[dict[str, Any], dict[str, Any]] | None:

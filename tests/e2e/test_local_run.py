@@ -48,7 +48,8 @@ def _job(tmp_path: Path, *, max_steps: int, every: int) -> Path:
             },
             "deepspeed": {"zeroStage": 2},
             "resources": {"nodes": 2, "processesPerNode": 1},
-            "checkpoint": {"everySteps": every, "keepLast": 2},
+            # Never resume another job's checkpoints: running the same file again is the same job.
+            "checkpoint": {"everySteps": every, "keepLast": 2, "resume": "Never"},
         },
     }
     path = tmp_path / "job.yaml"
@@ -128,7 +129,11 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path, runs: list
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     new_logs = _newest_pod_logs(storage)
-    assert f"step-{step:08d}" in new_logs, "the second run does not say it resumed from the interrupted checkpoint"
+    resumed = f"resumed from file://{storage.resolve()}/checkpoints/step-{step:08d} at step {step}"
+    assert resumed in new_logs, f"the second run did not resume the interrupted checkpoint:\n{new_logs[-3000:]}"
+    assert "another FineTuneJob" not in new_logs  # its own checkpoint, not one another job left there
+    for chatter in ("FutureWarning", "before it has started"):  # library notices the user cannot act on
+        assert chatter not in new_logs, f"{chatter!r} in the pods' logs:\n{new_logs[-3000:]}"
     assert _latest(storage) == f"step-{60:08d}"
     published = json.loads((storage / "output" / "kubetune-metrics.json").read_text())
     assert "accuracy" in output

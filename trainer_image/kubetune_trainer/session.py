@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -135,7 +136,27 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    deepspeed_logger.setLevel(logging.WARNING)
+    if _scheduler_prestart_notice not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_scheduler_prestart_notice)
+    # Deprecations inside the libraries' own calls, nothing a job's settings change; the first repeats
+    # after every evaluation and checkpoint (something resets the warnings registry in between).
+    for library_deprecation in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=library_deprecation, category=FutureWarning)
+
+
+# Regexes of FutureWarnings the trainer's pod logs leave out.
+LIBRARY_DEPRECATIONS = (
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed ZeRO's gathers, torch >= 2.13
+    r"`is_gradient_checkpointing` is deprecated",  # PEFT reading transformers 5's attribute
+)
+
+
+def _scheduler_prestart_notice(record: logging.LogRecord) -> bool:
+    """False for the warning DeepSpeed's warm-up schedulers log from their own constructor on every run
+    ("get learning rate from scheduler before it has started"): not a problem of the job."""
+    return "before it has started" not in record.getMessage()
 
 
 def seed_everything(seed: int) -> None:
