@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,9 @@ def test_resume_equals_uninterrupted_and_ignores_a_stale_deepspeed_latest(
     }
     assert_losses_close(run.losses, reference.losses, range(21, 31), tol=1e-6)
     assert_weights_close(run.weights(), reference.weights(), tol=1e-6)
+    # Its metrics date the resumed checkpoint when it was saved, not when it was restored.
+    saved = json.loads(s3.read(f"resume/{CKPT}/{tag(20)}/MANIFEST.json"))["created"]
+    assert run.result["restored_gauges"] == {"step": 20.0, "time": datetime.fromisoformat(saved).timestamp()}
     # The debris of the crashed save was removed before step 30 was saved again, and step 30 verifies.
     manifest = json.loads(s3.read(f"resume/{CKPT}/{tag(30)}/MANIFEST.json"))
     model_states = next(f for f in manifest["files"] if f["name"] == "mp_rank_00_model_states.pt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kubetune_trainer.checkpoint.manifest import (
@@ -76,6 +78,12 @@ def test_manifest_round_trip_and_errors() -> None:
             created="",
             per_rank_files=[[entry("x", 0)], [entry("x", 1)]],
         )
+
+
+def test_saved_at_is_the_creation_time_or_none() -> None:
+    assert manifest().saved_at == 1767225600.0  # 2026-01-01T00:00:00Z
+    assert dataclasses.replace(manifest(), created="").saved_at is None  # an older manifest
+    assert dataclasses.replace(manifest(), created="yesterday").saved_at is None
 
 
 def test_listing_problems_name_missing_and_resized_objects() -> None:

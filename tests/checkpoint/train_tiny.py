@@ -84,6 +84,7 @@ def main() -> int:
 
     from kubetune_trainer.checkpoint import CheckpointManager
     from kubetune_trainer.checkpoint.manifest import LATEST_KEY, scan
+    from kubetune_trainer.metrics import TrainerMetrics
     from kubetune_trainer.storage import open_store
 
     TinyNet = _model_class()  # noqa: N806 - a class
@@ -124,11 +125,16 @@ def main() -> int:
         keep_last=args.keep_last,
         async_upload=not args.sync,
         spec_hash="tiny-test-spec",
+        metrics=(metrics := TrainerMetrics()),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     restored = manager.restore(engine)
     start = restored.step if restored else 0
+    restored_gauges = {  # what the pod's metrics say of the last checkpoint once it resumed
+        "step": metrics.registry.get_sample_value("kubetune_trainer_checkpoint_step"),
+        "time": metrics.registry.get_sample_value("kubetune_trainer_checkpoint_timestamp_seconds"),
+    }
     if restored is not None:
         assert restored.client_state["step"] == restored.step, restored.client_state
     if rank == 0:
@@ -179,6 +185,7 @@ def main() -> int:
             else {"step": restored.step, "fell_back_from": restored.fell_back_from, "uri": restored.uri},
             "losses": losses,
             "committed_step": manager.committed_step,
+            "restored_gauges": restored_gauges,
             "retention_log": retention_log,
         }
         (out / "result.json").write_text(json.dumps(result, indent=1))

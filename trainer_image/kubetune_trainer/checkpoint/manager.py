@@ -142,11 +142,11 @@ class CheckpointManager:
         if histogram is not None:
             histogram.labels(phase=phase).observe(seconds)
 
-    def _committed_metrics(self, step: int) -> None:
+    def _committed_metrics(self, step: int, at: float | None = None) -> None:
         if (gauge := self._metric("checkpoint_step")) is not None:
             gauge.set(step)
         if (gauge := self._metric("checkpoint_timestamp_seconds")) is not None:
-            gauge.set(time.time())
+            gauge.set(time.time() if at is None else at)
 
     # ------------------------------------------------------------------ save
 
@@ -378,7 +378,9 @@ class CheckpointManager:
         client_state = self._load(engine, chosen, load_dir)
         self._observe("restore", time.monotonic() - started)
         self.committed_step = chosen.step
-        self._committed_metrics(chosen.step)
+        # When it was saved, not now: status.checkpoint.time and the CheckpointStale alert must not
+        # count a restart as a fresh checkpoint.
+        self._committed_metrics(chosen.step, at=chosen.saved_at)
         uri = f"{self.uri}/{prefix_of(chosen.tag).rstrip('/')}"
         fell_back_from = skipped[0] if skipped else None
         log.info(

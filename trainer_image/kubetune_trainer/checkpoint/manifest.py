@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class Manifest:
     versions: Mapping[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = MANIFEST_FORMAT
-    job_uid: str = ""  # the FineTuneJob that wrote it ("" outside a cluster)
+    job_uid: str = ""  # the FineTuneJob that wrote it (kubetune run derives one; "" from older versions)
     compatibility: Mapping[str, Any] = field(default_factory=dict)  # see checkpoint.compat
 
     @property
@@ -103,6 +104,14 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def saved_at(self) -> float | None:
+        """``created`` as a Unix time (when the checkpoint was saved); None when unrecorded or unreadable."""
+        try:
+            return datetime.fromisoformat(self.created).timestamp() if self.created else None
+        except ValueError:
+            return None
 
     def to_json(self) -> bytes:
         """Stable, human-readable JSON."""

@@ -133,7 +133,7 @@ CHECKPOINT_STEP = MetricSpec("kubetune_trainer_checkpoint_step", "gauge", "Step 
 CHECKPOINT_TIMESTAMP = MetricSpec(
     "kubetune_trainer_checkpoint_timestamp_seconds",
     "gauge",
-    "Unix time the last checkpoint was committed.",
+    "Unix time the last checkpoint was committed (a resumed one: when it was saved).",
     unit="seconds",
 )
 CHECKPOINT_FALLBACKS_TOTAL = MetricSpec(
