@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,4 +148,5 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path: Path, runs: list
     runs.append(third)
     output, _ = third.communicate(timeout=600)
     assert third.returncode == 0, output
-    assert "60/60 steps loss - " in output, output
+    # (The total shows as "?" when no read of the bar fell between the restore and the exit.)
+    assert re.search(r"60/(60|\?) steps loss - ", output), output
