@@ -49,7 +49,7 @@ class TrainerMetrics:
         self.parameters = m.instrument(m.PARAMETERS, r)
         self.examples_dropped_total = m.instrument(m.EXAMPLES_DROPPED_TOTAL, r)
         # No loss series until the first step: a pre-created child would export a loss of 0 from the
-        # pod's start (a dip to 0 on every restart in the loss panel, a lower baseline for LossRising).
+        # pod's start (a dip to 0 on every restart in the loss panel, a lower baseline for TrainingLossRising).
         for reason in m.EXAMPLES_DROPPED_TOTAL.labels["reason"]:
             self.examples_dropped_total.labels(reason=reason)
 

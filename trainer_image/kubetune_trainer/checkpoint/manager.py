@@ -378,7 +378,7 @@ class CheckpointManager:
         client_state = self._load(engine, chosen, load_dir)
         self._observe("restore", time.monotonic() - started)
         self.committed_step = chosen.step
-        # When it was saved, not now: status.checkpoint.time and the CheckpointStale alert must not
+        # When it was saved, not now: status.checkpoint.time and the CheckpointOverdue alert must not
         # count a restart as a fresh checkpoint.
         self._committed_metrics(chosen.step, at=chosen.saved_at)
         uri = f"{self.uri}/{prefix_of(chosen.tag).rstrip('/')}"
