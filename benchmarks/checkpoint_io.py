@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_operator.localpods import free_port
+from kubetune_trainer.nativeops import SHARED_MEMORY_COMM, load_native_ops
 from kubetune_trainer.storage import fsync_path
 
 CREDENTIALS = {
@@ -109,6 +110,7 @@ def build_engine(params_m: float, rows: int) -> tuple[Any, Any, Any]:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    load_native_ops([SHARED_MEMORY_COMM], print)  # as the trainer does
     deepspeed.init_distributed(dist_backend="gloo")
     width = int((params_m * 1e6 / 2) ** 0.5)
     torch.manual_seed(0)

@@ -21,7 +21,9 @@ from pathlib import Path
 import deepspeed, torch
 from torch.utils.serialization import config as serialization_config
 from kubetune_trainer.checkpoint.streaming import announcing_files, without_zip_checksums
+from kubetune_trainer.nativeops import SHARED_MEMORY_COMM, load_native_ops
 
+load_native_ops([SHARED_MEMORY_COMM], print)  # as the trainer does
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(0)
 

@@ -85,10 +85,12 @@ def main() -> int:
     from kubetune_trainer.checkpoint import CheckpointManager
     from kubetune_trainer.checkpoint.manifest import LATEST_KEY, scan
     from kubetune_trainer.metrics import TrainerMetrics
+    from kubetune_trainer.nativeops import SHARED_MEMORY_COMM, load_native_ops
     from kubetune_trainer.storage import open_store
 
     TinyNet = _model_class()  # noqa: N806 - a class
 
+    load_native_ops([SHARED_MEMORY_COMM], print)  # as the trainer does: SIGKILLed runs leave no hang behind
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)

@@ -307,7 +307,9 @@ _VALIDATE = r"""
 import json, sys
 import deepspeed
 from deepspeed.runtime.config import DeepSpeedConfig
+from kubetune_trainer.nativeops import SHARED_MEMORY_COMM, load_native_ops
 
+load_native_ops([SHARED_MEMORY_COMM], print)  # as the trainer does: a killed run's build lock never hangs this
 deepspeed.init_distributed(dist_backend="gloo")
 
 
@@ -391,8 +393,10 @@ import torch
 import deepspeed
 from kubetune_trainer.dsconfig import build_deepspeed_config
 from kubetune_trainer.objective import param_groups
+from kubetune_trainer.nativeops import CPU_ADAM, SHARED_MEMORY_COMM, load_native_ops
 from kubetune_trainer.spec import FineTuneJobSpec
 
+load_native_ops([SHARED_MEMORY_COMM, CPU_ADAM], print)  # as the trainer does (stage3-offload loads CPU Adam)
 deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for name, spec_json in json.load(sys.stdin).items():

@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from kubetune_trainer.nativeops import CPU_ADAM, SHARED_MEMORY_COMM
 from kubetune_trainer.spec import FineTuneJobSpec
 
 # DeepSpeed prints a line every steps_per_print steps; the trainer logs itself.
@@ -162,6 +163,18 @@ def _zero(spec: FineTuneJobSpec, *, cpu: bool) -> dict[str, Any]:
             }
         )
     return zero
+
+
+def native_ops(spec: FineTuneJobSpec) -> tuple[str, ...]:
+    """The DeepSpeed op builders a job's ranks load (names for
+    :func:`kubetune_trainer.nativeops.load_native_ops`, pure): the CPU ranks' shared-memory all-reduce,
+    which the accelerator skips where it has none, and ``DeepSpeedCPUAdam`` when ZeRO-Offload moves the
+    optimizer off the device (``offloadOptimizer``, or ``offload_optimizer`` in the raw config)."""
+    raw_zero = spec.deepspeed.config.get("zero_optimization")
+    zero = deep_merge(_zero(spec, cpu=True), raw_zero if isinstance(raw_zero, Mapping) else {})
+    offload = zero.get("offload_optimizer")
+    offloaded = isinstance(offload, Mapping) and offload.get("device") in ("cpu", "nvme")
+    return (SHARED_MEMORY_COMM, CPU_ADAM) if offloaded else (SHARED_MEMORY_COMM,)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

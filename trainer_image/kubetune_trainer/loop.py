@@ -27,6 +27,7 @@ from typing import Any
 from kubetune_trainer import data as data_mod
 from kubetune_trainer.config import spec_hash
 from kubetune_trainer.device import is_out_of_memory
+from kubetune_trainer.dsconfig import build_deepspeed_config, effective_precision, native_ops
 from kubetune_trainer.engine import TrainableModel, build_model, start_engine
 from kubetune_trainer.errors import NonFiniteLoss, OutOfMemory, write_termination
 from kubetune_trainer.evaluator import Evaluator
@@ -76,7 +77,7 @@ def run(job: FineTuneJob) -> ExitCode:
     """Train one rank of the job; returns the process exit code (raises TrainerError on known failures)."""
     spec = job.spec
     sigterm = _Sigterm()
-    session = start_session()
+    session = start_session(native_ops=native_ops(spec))
     with _out_of_memory_is_permanent(spec):
         trainer = setup(job, session)
         try:
@@ -212,8 +213,6 @@ class Trainer:
 
 def _plan(spec: FineTuneJobSpec, batches_per_epoch: int, session: Session) -> tuple[int, int, Any]:
     """(gradient accumulation, total optimizer steps, DeepSpeed config)."""
-    from kubetune_trainer.dsconfig import build_deepspeed_config, effective_precision
-
     cpu_bf16 = os.environ.get(ENV_CPU_BF16) == "1"
     probe = build_deepspeed_config(
         spec, world_size=session.world_size, cpu=session.cpu, cpu_bf16=cpu_bf16, total_steps=1

@@ -14,7 +14,7 @@ import random
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from kubetune_trainer.cpus import pod_threads_per_rank
 from kubetune_trainer.device import Placement
+from kubetune_trainer.nativeops import load_native_ops
 from kubetune_trainer.spec.runtime import DEFAULT_WORK_DIR, ENV_WORK_DIR
 
 T = TypeVar("T")
@@ -95,8 +96,10 @@ def _env_defaults() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
-def start_session() -> Session:
-    """Join the job: pick the device, start torch.distributed through DeepSpeed, make the gloo side group."""
+def start_session(native_ops: Sequence[str] = ()) -> Session:
+    """Join the job: pick the device, load the DeepSpeed ops the job needs (``native_ops``, builder
+    names, see :mod:`kubetune_trainer.nativeops`), start torch.distributed through DeepSpeed, make the
+    gloo side group."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -110,6 +113,7 @@ def start_session() -> Session:
         # Started without the launcher (which sets it, see launch.py): torch would take every core of
         # the node.  An OMP_NUM_THREADS that is set, the pod's or the launcher's, torch already obeys.
         torch.set_num_threads(pod_threads_per_rank(local_world_size, os.environ))
+    load_native_ops(native_ops, _log_on_this_rank)  # before the ranks meet: see nativeops
     deepspeed.init_distributed(dist_backend="nccl" if placement.accelerated else "gloo", verbose=False)
     world_size = int(os.environ["WORLD_SIZE"])
     object_group = None
@@ -127,6 +131,11 @@ def start_session() -> Session:
         placement=placement,
         object_group=object_group,
     )
+
+
+def _log_on_this_rank(message: str) -> None:
+    # Before the session exists; for what happened on this node, whichever rank it is.
+    print(f"kubetune: {message}", file=sys.stderr, flush=True)
 
 
 def _quiet_libraries() -> None:
