@@ -24,6 +24,7 @@ from kubetune_trainer.nativeops import (
     SHARED_MEMORY_COMM,
     abandoned_build_locks,
     extensions_root,
+    machine_wide_build_lock,
     open_files,
 )
 from kubetune_trainer.spec import FineTuneJobSpec
@@ -36,10 +37,9 @@ _HOLD_OPEN = "import sys, time; f = open(sys.argv[1], 'a'); print('holding', flu
 _BUILD = "from kubetune_trainer.nativeops import *; load_native_ops([SHARED_MEMORY_COMM], print)"
 
 _JOIN = r"""
-from kubetune_trainer.nativeops import SHARED_MEMORY_COMM
 from kubetune_trainer.session import start_session
 
-session = start_session(native_ops=(SHARED_MEMORY_COMM,))
+session = start_session()
 session.barrier()
 print(f"rank {session.rank} of {session.world_size} joined", flush=True)
 """
@@ -73,6 +73,19 @@ def test_without_procfs_only_a_lock_older_than_any_build_is_abandoned(tmp_path: 
     now = time.time()
     os.utime(old, (now - ABANDONED_AFTER_S - 60, now - ABANDONED_AFTER_S - 60))
     assert abandoned_build_locks(tmp_path, None, now=now) == [old]
+
+
+def test_a_cache_that_cannot_hold_the_lock_loads_without_it(tmp_path: Path) -> None:
+    # A read-only cache (its ops prebuilt) must not stop the trainer: DeepSpeed loads without the lock.
+    (tmp_path / "a-file").write_text("")
+    said: list[str] = []
+    with machine_wide_build_lock(tmp_path / "a-file" / "torch_extensions", said.append) as held:
+        assert held is False
+    assert len(said) == 1
+    assert said[0].startswith(f"cannot lock {tmp_path / 'a-file' / 'torch_extensions'} for DeepSpeed's op builds")
+    with machine_wide_build_lock(tmp_path / "writable", said.append) as held:
+        assert held is True
+    assert len(said) == 1
 
 
 def test_a_job_loads_cpu_adam_only_when_its_optimizer_is_offloaded() -> None:

@@ -78,15 +78,35 @@ def abandoned_build_locks(root: Path, held: set[Path] | None, now: float | None 
 
 
 @contextmanager
-def machine_wide_build_lock(root: Path) -> Iterator[None]:
-    """Hold the kernel lock that serializes kubetune's op loads on this machine."""
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / GUARD_NAME).open("a") as guard:
+def machine_wide_build_lock(root: Path, log: Callable[[str], None]) -> Iterator[bool]:
+    """Hold the kernel lock that serializes kubetune's op loads on this machine; yields whether it is
+    held: not where ``root`` cannot hold the lock's file (a read-only cache, whose ops can then only be
+    prebuilt or already built)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        guard = (root / GUARD_NAME).open("a")
+    except OSError as error:
+        log(f"cannot lock {root} for DeepSpeed's op builds ({error}); loading them without that lock")
+        yield False
+        return
+    with guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if this process dies holding it
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def remove_abandoned_build_locks(root: Path, log: Callable[[str], None]) -> None:
+    """Remove the build locks under ``root`` no live process holds (call it holding
+    :func:`machine_wide_build_lock`, so that no kubetune process is taking one meanwhile)."""
+    for lock in abandoned_build_locks(root, open_files()):
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError as error:  # another user's op folder: torch will wait on it, as before
+            log(f"cannot remove {lock}, a build lock no live process holds: {error}")
+            continue
+        log(f"removed {lock}: a build lock left by a process that was killed while it built or loaded that op")
 
 
 def load_native_ops(builder_names: Sequence[str], log: Callable[[str], None]) -> None:
@@ -104,10 +124,9 @@ def load_native_ops(builder_names: Sequence[str], log: Callable[[str], None]) ->
     if not wanted:
         return
     root = extensions_root()
-    with machine_wide_build_lock(root):
-        for lock in abandoned_build_locks(root, open_files()):
-            lock.unlink(missing_ok=True)
-            log(f"removed {lock}: a build lock left by a process that was killed while it built or loaded that op")
+    with machine_wide_build_lock(root, log) as held:
+        if held:
+            remove_abandoned_build_locks(root, log)
         started = time.monotonic()
         for builder in wanted:
             builder.load(verbose=False)

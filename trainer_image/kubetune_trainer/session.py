@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from kubetune_trainer.cpus import pod_threads_per_rank
 from kubetune_trainer.device import Placement
-from kubetune_trainer.nativeops import load_native_ops
+from kubetune_trainer.nativeops import SHARED_MEMORY_COMM, load_native_ops
 from kubetune_trainer.spec.runtime import DEFAULT_WORK_DIR, ENV_WORK_DIR
 
 T = TypeVar("T")
@@ -96,10 +96,10 @@ def _env_defaults() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
-def start_session(native_ops: Sequence[str] = ()) -> Session:
+def start_session(native_ops: Sequence[str] = (SHARED_MEMORY_COMM,)) -> Session:
     """Join the job: pick the device, load the DeepSpeed ops the job needs (``native_ops``, builder
-    names, see :mod:`kubetune_trainer.nativeops`), start torch.distributed through DeepSpeed, make the
-    gloo side group."""
+    names, see :mod:`kubetune_trainer.nativeops`; by default the one ``init_distributed`` loads), start
+    torch.distributed through DeepSpeed, make the gloo side group."""
     import deepspeed
     import torch
     import torch.distributed as dist
