@@ -62,12 +62,17 @@ def open_files(proc: Path = Path("/proc")) -> set[Path] | None:
     return held
 
 
+def build_locks(root: Path) -> list[Path]:
+    """The build locks under ``root``, in its op folders (``TORCH_EXTENSIONS_DIR``) or its tagged ones."""
+    return sorted([*root.glob("*/lock"), *root.glob("*/*/lock")])
+
+
 def abandoned_build_locks(root: Path, held: set[Path] | None, now: float | None = None) -> list[Path]:
     """The build locks under ``root`` that no live process holds: open by none of ``held``, or, when
     ``held`` is None (unknown), older than :data:`ABANDONED_AFTER_S`."""
     now = time.time() if now is None else now
     abandoned = []
-    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+    for lock in build_locks(root):
         try:
             age = now - lock.stat().st_mtime
         except FileNotFoundError:  # released meanwhile
@@ -100,6 +105,8 @@ def machine_wide_build_lock(root: Path, log: Callable[[str], None]) -> Iterator[
 def remove_abandoned_build_locks(root: Path, log: Callable[[str], None]) -> None:
     """Remove the build locks under ``root`` no live process holds (call it holding
     :func:`machine_wide_build_lock`, so that no kubetune process is taking one meanwhile)."""
+    if not build_locks(root):
+        return  # the usual case: no need to read every process's open files
     for lock in abandoned_build_locks(root, open_files()):
         try:
             lock.unlink(missing_ok=True)
