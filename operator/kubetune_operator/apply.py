@@ -283,7 +283,7 @@ async def refresh_progress(
     since = c.parse_time(running.get("lastTransitionTime")) if running else None
     known = status.get("progress") or {}
     # What the trainer has not stated yet (a restarted pod loading) keeps its last known value.
-    progress = with_step_time({**known, **parsed[0]}, known, since, moment)
+    progress = with_step_time(parsed[0], known, since, moment)
     checkpoint = parsed[1]
     patch: dict[str, Any] = {"progress": progress}
     if checkpoint:

@@ -93,14 +93,24 @@ def _step_figures(samples: dict[str, list[tuple[dict[str, str], float]]], now: d
 
 
 def with_step_time(
-    progress: dict[str, Any], old: Mapping[str, Any], running_since: datetime | None, now: datetime
+    read: dict[str, Any], old: Mapping[str, Any], running_since: datetime | None, now: datetime
 ) -> dict[str, Any]:
-    """``progress`` with ``lastStepTime``: when the step was last seen to advance in the current attempt.
+    """The new ``status.progress``: ``old`` updated with this ``read`` of rank 0 (what the trainer has not
+    stated keeps its last known value), and ``lastStepTime``, when the step was last seen to advance in the
+    current attempt, from which a stall is judged.
 
-    It moves to ``now`` when the step changed, and on the first read of an attempt (its ``Running``
-    condition turned True after the recorded time), so a stall is judged only by steps of this attempt."""
+    It moves to ``now`` when the read states a step that differs from the old one, and when it states the
+    first step of an attempt (its ``Running`` condition turned True after the recorded time).  A read that
+    states no step (the trainer loads its backbone, tokenizes, restores its checkpoint) leaves it as it
+    was: loading, however long, is never judged a stall of training, and a restarted attempt keeps the
+    previous attempt's time, which the stall check ignores."""
+    progress = {**old, **read}
     last = parse_time(old.get("lastStepTime"))
-    fresh = last is None or (running_since is not None and last < running_since)
-    moved = progress.get("step") != old.get("step")
-    stamp = rfc3339(now) if fresh or moved or last is None else rfc3339(last)
+    if "step" not in read:
+        if last is None:
+            progress.pop("lastStepTime", None)
+        return progress
+    this_attempt = last is not None and (running_since is None or last >= running_since)
+    moved = read["step"] != old.get("step")
+    stamp = rfc3339(last) if this_attempt and not moved and last is not None else rfc3339(now)
     return {**progress, "lastStepTime": stamp}

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import Metric
 
 from kubetune_operator.main import OperatorHandle
 from tests.operator.conftest import MetricsRoutes, job_manifest
@@ -85,3 +86,48 @@ def test_a_stepping_rank0_is_not_stalled(
     assert st["phase"] == "Running"
     assert job_names(client, "t-busy") == ["t-busy-a1"]
     assert "Stalled" not in {c["type"] for c in st["conditions"]}
+
+
+class _Scrapes:
+    """A collector that counts the operator's reads of the endpoint (and adds no metric)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        self.count += 1
+        return []
+
+
+def test_a_rank0_still_loading_is_not_stalled(
+    operator: OperatorHandle,
+    client: Client,
+    controller: FakeCluster,
+    routes: MetricsRoutes,
+) -> None:
+    # A trainer loading a large backbone or tokenizing: its endpoint is up and reads step 0 of 0 steps
+    # (nothing placed yet) for longer than stallTimeoutSeconds. Loading is not a hang of training.
+    registry = CollectorRegistry()
+    Gauge("kubetune_trainer_step", "step", registry=registry)  # step 0: a fresh trainer's gauge
+    total = Gauge("kubetune_trainer_total_steps", "total", registry=registry)
+    scrapes = _Scrapes()
+    registry.register(scrapes)
+    with serving(registry) as url:
+        routes.routes["t-load"] = url
+        create(client, job_manifest("t-load", stallTimeoutSeconds=STALL_SECONDS))
+        wait_for(lambda: scrapes.count >= 1, TIMEOUT, what="the operator's first read of rank 0")
+        first = scrapes.count
+        time.sleep(STALL_SECONDS * 3)
+        assert scrapes.count >= first + STALL_SECONDS  # read all along (every second here)
+        st = status(client, "t-load")
+        assert st["phase"] == "Running"
+        assert job_names(client, "t-load") == ["t-load-a1"]
+        assert "Stalled" not in {c["type"] for c in st["conditions"]}
+        assert "lastStepTime" not in (st.get("progress") or {})
+        # Placed: the clock runs from the first read of a step, and a step that never moves is a stall.
+        total.set(1000)
+        wait_for(lambda: "t-load-a2" in job_names(client, "t-load"), TIMEOUT, what="attempt 2 after the stall")
+        assert "still at step 0" in condition(status(client, "t-load"), "Stalled")["message"]

@@ -285,6 +285,28 @@ def test_last_step_time_moves_with_the_step_and_with_a_new_attempt() -> None:
     assert new_attempt["lastStepTime"] == rfc3339(NOW + timedelta(minutes=6))
 
 
+def test_a_read_that_states_no_step_never_starts_or_moves_the_stall_clock() -> None:
+    since = NOW - timedelta(minutes=10)  # running_status(): this attempt Running since then
+    stalls_after_a_minute = make_job(stallTimeoutSeconds=60)
+    pods = [pod_obj(1, 0), pod_obj(1, 1)]
+    # The first attempt loads (backbone, tokens, checkpoint) for nine minutes: its endpoint states no step.
+    loading = with_step_time({"updated": rfc3339(NOW - timedelta(minutes=9))}, {}, since, NOW - timedelta(minutes=9))
+    assert "lastStepTime" not in loading
+    plan = run(stalls_after_a_minute, {**running_status(), "progress": loading}, [job_obj(1)], pods)
+    assert plan.status["phase"] == Phase.RUNNING
+    # A restarted attempt reloading keeps the last attempt's step and time; the stall check ignores both.
+    earlier = {"step": 7, "lastStepTime": rfc3339(NOW - timedelta(hours=1))}
+    reloading = with_step_time({}, earlier, since, NOW - timedelta(minutes=9))
+    assert reloading == earlier
+    plan = run(stalls_after_a_minute, {**running_status(), "progress": reloading}, [job_obj(1)], pods)
+    assert plan.status["phase"] == Phase.RUNNING
+    # Its first step read starts the clock, even at the step it resumed from; from then on it is judged.
+    resumed = with_step_time({"step": 7}, reloading, since, NOW - timedelta(minutes=2))
+    assert resumed["lastStepTime"] == rfc3339(NOW - timedelta(minutes=2))
+    plan = run(stalls_after_a_minute, {**running_status(), "progress": resumed}, [job_obj(1)], pods)
+    assert cond(plan, ConditionType.STALLED)["reason"] == "NoProgress"
+
+
 # -- pods stuck on lost nodes
 
 

@@ -96,6 +96,8 @@ class RunPolicy(KubeModel):
         default=None,
         description=(
             "Restart the gang (retryable, counted in restarts) when rank 0 reports no new optimizer step for this "
-            "long, e.g. after an NCCL hang; set it above the longest evaluation or checkpoint save. Off when omitted."
+            "long, e.g. after an NCCL hang; set it above the longest evaluation or checkpoint save. Loading the "
+            "backbone, the data and the checkpoint does not count: the clock starts at the first step rank 0 reports "
+            "in each attempt. Off when omitted."
         ),
     )
