@@ -73,11 +73,16 @@ class EvaluationSpec(KubeModel):
     metric: Annotated[Metric, Strict(False)] | None = Field(
         default=None,
         description=(
-            "Metric for early stopping and selection: f1 for classification, loss for language models by default."
+            "Metric early stopping watches: f1 for classification, loss for language models by default. "
+            "It selects no checkpoint: the published model is the last step's."
         ),
     )
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="Stop after this many evaluations without improvement (off when omitted)."
+        default=None,
+        description=(
+            "Stop after this many evaluations without improvement (off when omitted); the model published is the "
+            "one of that last evaluation."
+        ),
     )
 
 
