@@ -28,9 +28,11 @@ from typing import Any
 import psutil
 
 from kubetune_operator import names
+from kubetune_trainer.spec import GPU_RESOURCE
 from kubetune_trainer.spec import runtime as rt
 
 COMPLETION_INDEX_ANNOTATION = names.COMPLETION_INDEX_KEY  # the e2e kubelet sets it on the pods it runs
+GPU_VISIBILITY_ENV = "CUDA_VISIBLE_DEVICES"
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\$")
 
 
@@ -59,6 +61,46 @@ def local_base_env(pods: int) -> dict[str, str]:
     # The pod's HOME is per pod; XDG_CACHE_HOME keeps torch's extension cache per user.
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     return env
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
+    """The NVIDIA GPUs local pods may be given, as ``CUDA_VISIBLE_DEVICES`` entries: that variable's
+    list when it is set (the user's own choice), else one index per GPU ``nvidia-smi -L`` lists; None
+    where there is none (no NVIDIA driver, or every GPU hidden): the pods then train on the CPUs."""
+    if GPU_VISIBILITY_ENV in env:
+        return [entry.strip() for entry in env[GPU_VISIBILITY_ENV].split(",") if entry.strip()] or None
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if smi is None:
+        return None
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    return [
+        str(i) for i, _ in enumerate(line for line in listed.stdout.splitlines() if line.startswith("GPU "))
+    ] or None
+
+
+def container_gpus(container: Mapping[str, Any]) -> int:
+    """The GPUs a container asks for (its ``nvidia.com/gpu`` limit, else its request; 0 when neither)."""
+    resources = container.get("resources") or {}
+    value = (resources.get("limits") or {}).get(GPU_RESOURCE, (resources.get("requests") or {}).get(GPU_RESOURCE))
+    return int(float(str(value))) if value is not None else 0
+
+
+def gpu_shortage(pods: int, gpus_per_pod: int, gpus: list[str] | None) -> str | None:
+    """Why ``pods`` pods of ``gpus_per_pod`` GPUs each cannot run on this machine's ``gpus`` (None when
+    they fit, or when the machine has no NVIDIA driver and the pods train on its CPUs)."""
+    needed = pods * gpus_per_pod
+    if gpus is None or needed <= len(gpus):
+        return None
+    return (
+        f"the job needs {pods} node(s) x {gpus_per_pod} {GPU_RESOURCE} = {needed} GPUs, and this machine "
+        f"gives {len(gpus)} ({GPU_VISIBILITY_ENV}={','.join(gpus)}): run it with fewer --nodes or "
+        "--processes-per-node (one process per GPU)"
+    )
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
@@ -96,6 +138,9 @@ class LocalLayout:
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # Secret name -> key -> value
     config_maps: dict[str, dict[str, str]] = field(default_factory=dict)  # ConfigMap name -> data
     base_env: dict[str, str] = field(default_factory=dict)  # inherited (PATH, PYTHONPATH, ...)
+    # The machine's GPUs (CUDA_VISIBLE_DEVICES entries) the pods are given from, as a device plugin gives
+    # a node's; None where there is no NVIDIA driver (the pods inherit the environment as it is).
+    gpus: list[str] | None = None
 
 
 def _field_ref(path: str, pod_name: str, index: int, annotations: Mapping[str, str]) -> str:
@@ -153,6 +198,14 @@ def plan_pod(pod_spec: Mapping[str, Any], job_name: str, index: int, layout: Loc
         return _map_path(value, mounts)
 
     env: dict[str, str] = dict(layout.base_env)
+    if layout.gpus is not None:
+        # As a device plugin does: each pod sees the GPUs it asks for, its own, and none when it asks for
+        # none (two pods' local rank 0 on one device is what NCCL refuses as a duplicate GPU).
+        wanted = container_gpus(container)
+        given = layout.gpus[index * wanted : (index + 1) * wanted]
+        if len(given) < wanted:
+            raise PodSpecError(gpu_shortage(index + 1, wanted, layout.gpus) or f"pod {pod_name}: not enough GPUs")
+        env[GPU_VISIBILITY_ENV] = ",".join(given)
     for entry in container.get("env", []):
         name = entry["name"]
         if "value" in entry:

@@ -13,6 +13,7 @@ running the same command again resumes from it.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
@@ -35,9 +36,11 @@ from kubetune_operator.localpods import (
     LocalLayout,
     LocalPod,
     free_port,
+    gpu_shortage,
     local_base_env,
     materialize_volumes,
     plan_pod,
+    visible_gpus,
 )
 from kubetune_operator.observe import AttemptState, PodState
 from kubetune_operator.progress import parse_progress
@@ -50,6 +53,7 @@ from kubetune_trainer.spec.termination import TerminationMessage
 
 LOCAL_IMAGE = "local"
 INTERRUPTED_EXIT = 130
+NO_ROOM_EXIT = 1  # the job does not fit this machine (as for an invalid manifest: nothing started)
 FAILED_POD_GRACE_SECONDS = 10.0
 
 
@@ -164,11 +168,14 @@ def _summary_table(job: ResolvedJob, message: TerminationMessage | None, wall_se
 class LocalRun:
     """One ``kubetune run``: start an attempt's pods, follow them, restart or stop them as the operator would."""
 
-    def __init__(self, job: ResolvedJob, storage: Path, console: Console, options: RunOptions) -> None:
+    def __init__(
+        self, job: ResolvedJob, storage: Path, console: Console, options: RunOptions, gpus: list[str] | None = None
+    ) -> None:
         self.job = job
         self.storage = storage
         self.console = console
         self.options = options
+        self.gpus = gpus  # this machine's GPUs the pods are given from (None: no NVIDIA driver here)
         self.pods: list[LocalPod] = []
         self.attempt = 1
         self.restarts = 0
@@ -185,6 +192,7 @@ class LocalRun:
             port_map={rt.RENDEZVOUS_PORT: free_port()},
             config_maps={config_map["metadata"]["name"]: config_map["data"]},
             base_env=self._base_env(),
+            gpus=self.gpus,
         )
         pod_spec = attempt_job["spec"]["template"]["spec"]
         self.pods = []
@@ -346,7 +354,19 @@ def run_job(job: FineTuneJob, options: RunOptions, console: Console) -> int:
         f"{spec.resources.nodes} node(s) x {spec.resources.processes()} process(es), storage {storage}",
         markup=False,
     )
-    run = LocalRun(local_job, storage, console, options)
+    gpus = visible_gpus(os.environ)
+    shortage = gpu_shortage(spec.resources.nodes, spec.resources.gpus_per_node(), gpus)
+    if shortage:
+        console.print(f"{local_job.name}: {shortage}", markup=False, soft_wrap=True)
+        return NO_ROOM_EXIT
+    if gpus and not spec.resources.gpus_per_node():
+        console.print(
+            f"note: the job requests no {GPU_RESOURCE}, so its pods train on the CPU here as in a cluster; "
+            f"set spec.resources.requests.{GPU_RESOURCE} to train on this machine's {len(gpus)} GPU(s)",
+            markup=False,
+            soft_wrap=True,
+        )
+    run = LocalRun(local_job, storage, console, options, gpus)
     try:
         run.start()
         return run.follow()
