@@ -150,6 +150,21 @@ def bar_fields(progress: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def phase_of(progress: Mapping[str, Any] | None) -> str:
+    """What the job is doing while the bar has no step to show, from a read of rank 0's endpoint (None:
+    not up yet); empty while it trains, when the steps say it (and the line keeps its width).
+
+    ``starting``: Python, torch and DeepSpeed start and the ranks meet (the first run on a machine also
+    builds DeepSpeed's ops); ``loading``: the backbone, the data and the checkpoint; ``finishing``: the
+    last step is done (final evaluation, last checkpoint, publishing)."""
+    if progress is None:
+        return "starting"
+    if "step" not in progress:
+        return "loading"
+    total = progress.get("totalSteps")
+    return "finishing" if total and progress["step"] >= total else ""
+
+
 def _summary_table(job: ResolvedJob, message: TerminationMessage | None, wall_seconds: float) -> Table:
     table = Table(title="kubetune run", show_header=False)
     message = message or TerminationMessage(reason="Succeeded")
@@ -224,7 +239,7 @@ class LocalRun:
             console=self.console,
             transient=False,
         ) as bar:
-            task = bar.add_task(self.job.name, total=None, steps="-", loss="-", rate="-", eta="-")
+            task = bar.add_task(self._title("starting"), total=None, steps="-", loss="-", rate="-", eta="-")
             while (failed := self._watch_attempt(bar, task)) is not None:
                 verdict = self._judge(failed)
                 if not verdict.restart:
@@ -235,11 +250,17 @@ class LocalRun:
                     self.restarts += 1
                 time.sleep(0 if verdict.preempted else self.job.spec.run_policy.backoff_seconds)
                 self.start(self.attempt + 1)
+                bar.update(task, description=self._title("starting"))
             message = TerminationMessage.parse(self.pods[0].termination_message())
             if message is not None and message.step is not None:  # the last read may predate the last step
                 bar.update(task, **bar_fields({"step": message.step, "totalSteps": bar.tasks[0].total}))
+            bar.update(task, description=self._title(""))
         self.console.print(_summary_table(self.job, message, time.monotonic() - started))
         return 0
+
+    def _title(self, phase: str) -> str:
+        # The phase joins the job's name rather than taking a column: the line keeps its width.
+        return f"{self.job.name} {phase}" if phase else self.job.name
 
     def _watch_attempt(self, bar: Progress, task: Any) -> AttemptState | None:
         """Follow the current attempt until every pod succeeded (None) or one failed (the attempt then)."""
@@ -253,8 +274,8 @@ class LocalRun:
             if all(code == 0 for code in codes):
                 return None
             found = read_progress(self.pods[0].launch.metrics_port, datetime.now(UTC))
-            if found:
-                bar.update(task, **bar_fields(found[0]))
+            fields = bar_fields(found[0]) if found else {}
+            bar.update(task, description=self._title(phase_of(found[0] if found else None)), **fields)
             time.sleep(self.options.poll_seconds)
 
     def _attempt_state(self) -> AttemptState:

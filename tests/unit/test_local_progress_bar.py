@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import Progress, TextColumn
 
-from kubetune_operator.localrun import bar_fields
+from kubetune_operator.localrun import bar_fields, phase_of
 
 
 def test_a_loading_trainer_changes_nothing_on_the_bar() -> None:
@@ -26,3 +26,11 @@ def test_a_restored_trainer_moves_the_bar_without_a_loss_and_a_step_brings_one()
             {"steps": "100/150", "loss": "0.2500"},
         )
     assert "100/150 steps loss 0.2500" in console.export_text()
+
+
+def test_the_bar_says_what_the_job_is_doing_from_what_rank_0_states() -> None:
+    assert phase_of(None) == "starting"  # endpoint not up: interpreters, DeepSpeed ops, rendezvous
+    assert phase_of({"updated": "x"}) == "loading"  # up, no position yet: backbone, data, checkpoint
+    assert phase_of({"step": 0, "totalSteps": 150, "updated": "x"}) == ""  # training: the steps say it
+    assert phase_of({"step": 149, "totalSteps": 150, "loss": 0.1, "updated": "x"}) == ""
+    assert phase_of({"step": 150, "totalSteps": 150, "updated": "x"}) == "finishing"  # final eval, publish
