@@ -190,7 +190,7 @@ async def reconcile_one(
     try:
         job = load_job(body, settings)  # the one parse and resolve of this read; everything below takes it
     except InvalidSpec as error:
-        plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation)
+        plan = invalid_spec_plan(old_status, error.field, error.message, moment, generation, _raw_ttl(body))
     else:
         plan = await _decide(api, job, old_status, moment)
     # The decision is recorded before it is acted on.  A crash between the two then repeats
@@ -223,6 +223,13 @@ async def reconcile_one(
         old_preemptions=int(old_status.get("preemptions") or 0),
         force_deleted=len(plan.force_delete_pods),
     )
+
+
+def _raw_ttl(body: Mapping[str, Any]) -> int | None:
+    """``spec.runPolicy.ttlSecondsAfterFinished`` of a spec that could not be loaded, when it is readable."""
+    run_policy = (body.get("spec") or {}).get("runPolicy")
+    ttl = run_policy.get("ttlSecondsAfterFinished") if isinstance(run_policy, Mapping) else None
+    return ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None
 
 
 async def _decide(api: kube.KubeApi, job: ResolvedJob, old_status: Mapping[str, Any], now: datetime) -> Plan:

@@ -24,6 +24,7 @@ from kubetune_trainer.spec import runtime as rt
 from kubetune_trainer.spec.termination import PREEMPTED
 
 SIGNAL_EXIT_CODES = frozenset({137, 143})  # killed by the Job controller after another pod failed
+OOM_KILLED = "OOMKilled"  # the kernel's SIGKILL (exit 137) of a container over its memory limit: a failure of its own
 MESSAGE_LIMIT = 1024
 # How the Job controller words the podFailurePolicy rule that failed a Job: the evidence that is left
 # when the pod itself is gone (an evicted pod is deleted, and goes once it has terminated).
@@ -104,7 +105,7 @@ def classify_failure(attempt: AttemptState) -> Failure:
     ranked = (
         lambda pod, f: f.permanent,
         lambda pod, f: f.preempted and (pod is None or pod.disrupted),
-        lambda pod, f: not f.preempted and f.exit_code not in SIGNAL_EXIT_CODES,
+        lambda pod, f: not f.preempted and (f.exit_code not in SIGNAL_EXIT_CODES or f.reason == OOM_KILLED),
         lambda pod, f: f.preempted,
     )
     for matches in ranked:
@@ -148,8 +149,9 @@ def failure_verdict(policy: RunPolicy, attempt: int, restarts: int, failure: Fai
         True,
         Reason.RESTART_SCHEDULED,
         short(
-            f"attempt {attempt} failed ({failure.reason}): {failure.message}; attempt {attempt + 1} starts "
-            f"{policy.backoff_seconds}s after its pods are gone (restart {restarts + 1}/{policy.max_restarts})"
+            f"attempt {attempt} failed ({failure.reason}): {failure.message}; attempt {attempt + 1} starts once "
+            f"its pods are gone, {policy.backoff_seconds}s after this failure at the earliest "
+            f"(restart {restarts + 1}/{policy.max_restarts})"
         ),
     )
 

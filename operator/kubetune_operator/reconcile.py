@@ -37,15 +37,25 @@ WAIT_FOR_CLEANUP_SECONDS = 1.0
 CONFLICT_RECHECK_SECONDS = 10.0
 
 
-def invalid_spec_plan(old: Mapping[str, Any], field: str, message: str, now: datetime, generation: int | None) -> Plan:
-    """A job whose spec cannot be run: ``Failed=True, reason=InvalidSpec`` naming the field."""
+def invalid_spec_plan(
+    old: Mapping[str, Any],
+    field: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+    ttl_seconds: int | None = None,
+) -> Plan:
+    """A job whose spec cannot be run: ``Failed=True, reason=InvalidSpec`` naming the field; deleted
+    ``ttl_seconds`` (``runPolicy.ttlSecondsAfterFinished``, as far as it could be read) after that."""
     st = WorkingStatus(old, now, generation)
     text = f"{field}: {message}" if field else message
     st.enter(ConditionType.FAILED, Reason.INVALID_SPEC, short(f"invalid spec: {text}"))
     st.data.setdefault("restarts", 0)
     if "completionTime" not in st.data:
         st.data["completionTime"] = c.rfc3339(now)
-    return finish(Plan(status={}), st, old)
+    plan = Plan(status={})
+    _expire(st, plan, ttl_seconds)
+    return finish(plan, st, old)
 
 
 def _fail(st: WorkingStatus, plan: Plan, reason: str, message: str, current: AttemptState | None) -> None:
@@ -111,7 +121,11 @@ def _finished(job: ResolvedJob, observed: Observed, st: WorkingStatus, plan: Pla
     for attempt in observed.attempts.values():
         if attempt.owned and not attempt.finished and not attempt.deleting:
             plan.delete_jobs.append(attempt.name)
-    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    _expire(st, plan, job.spec.run_policy.ttl_seconds_after_finished)
+
+
+def _expire(st: WorkingStatus, plan: Plan, ttl: int | None) -> None:
+    """``ttlSecondsAfterFinished``: delete the finished job once it is due, else look again then."""
     finished_at = c.parse_time(st.data.get("completionTime"))
     if ttl is None or finished_at is None:
         return
@@ -145,7 +159,7 @@ def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
         if n < number and attempt.owned and not attempt.deleting:
             plan.delete_jobs.append(attempt.name)
 
-    started = c.parse_time(st.data.get("startTime"))
+    started = _deadline_origin(st, policy.suspend)
     deadline = policy.active_deadline_seconds
     if deadline is not None and started is not None and now >= started + timedelta(seconds=deadline):
         _fail(st, plan, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}", current)
@@ -163,6 +177,16 @@ def next_status(job: ResolvedJob, observed: Observed, now: datetime) -> Plan:
     if deadline is not None and started is not None and not c.is_finished(st.conditions):
         plan.requeue((started + timedelta(seconds=deadline) - now).total_seconds())
     return finish(plan, st, old)
+
+
+def _deadline_origin(st: WorkingStatus, suspend: bool) -> datetime | None:
+    """Where ``activeDeadlineSeconds`` counts from (None: not now).  It counts running time: as a batch/v1
+    Job's, its clock stops while the job is suspended and starts again when it is resumed."""
+    started = c.parse_time(st.data.get("startTime"))
+    if started is None or suspend or st.true(ConditionType.SUSPENDED):
+        return None  # suspended, or resumed by this very reconcile
+    resumed = st.since(ConditionType.SUSPENDED) if st.reason(ConditionType.SUSPENDED) == Reason.RESUMED else None
+    return max(started, resumed) if resumed is not None else started
 
 
 def _step(
@@ -233,6 +257,8 @@ def _without_job(
     plan.create_attempt = number
     st.set(ConditionType.CREATED, True, Reason.CREATED, _created_message(job, number))
     st.clear(ConditionType.RESTARTING, Reason.CREATED, f"attempt {number} created")
+    # A stall ended the previous attempt, not this one (Stalled implies phase Running while it is True).
+    st.clear(ConditionType.STALLED, Reason.CREATED, f"attempt {number} created")
     st.clear(ConditionType.CHILD_CONFLICT, Reason.RESOLVED, "every child's name is free")
     if st.true(ConditionType.SUSPENDED):
         st.set(ConditionType.SUSPENDED, False, Reason.RESUMED, f"resumed as attempt {number}")

@@ -214,6 +214,16 @@ def test_ttl_deletes_finished_job(operator: OperatorHandle, client: Client, cont
     wait_for(lambda: not job_names(client, "t-ttl"), TIMEOUT, what="children collected")
 
 
+def test_ttl_deletes_a_job_failed_for_an_invalid_spec(operator: OperatorHandle, client: Client) -> None:
+    # runPolicy.ttlSecondsAfterFinished deletes a finished job; runbooks.md (FineTuneJobFailed): "delete them
+    # or let runPolicy.ttlSecondsAfterFinished remove them". A spec the operator cannot run is Failed too.
+    bad = job_manifest("t-invalid-ttl", ttlSecondsAfterFinished=1)
+    del bad["spec"]["model"]  # the CRD schema would reject this; assume it was not installed
+    create(client, bad)
+    assert condition(wait_phase(client, "t-invalid-ttl", "Failed"), "Failed")["reason"] == "InvalidSpec"
+    wait_for(lambda: client.ftj(NAMESPACE, "t-invalid-ttl") is None, TIMEOUT, what="TTL deletion")
+
+
 def test_invalid_spec_fails_while_others_keep_reconciling(operator: OperatorHandle, client: Client) -> None:
     bad = job_manifest("t-invalid")
     bad["spec"]["resources"]["nodes"] = "two"  # the CRD schema would reject this; assume it was not installed

@@ -48,14 +48,14 @@ def test_rank0_stops_stepping_then_stalled_and_restart(
     step.set(11)
     wait_for(lambda: "t-hang-a2" in job_names(client, "t-hang"), TIMEOUT, what="attempt 2 after the stall")
     st = status(client, "t-hang")
-    stalled = condition(st, "Stalled")
-    assert stalled["reason"] == "NoProgress"
-    assert f"no new optimizer step for {STALL_SECONDS}s" in stalled["message"]
-    assert "step 11" in stalled["message"]
+    # The stall ended attempt 1; attempt 2 is not stalled (nor Running before its pods run).
+    assert condition(st, "Stalled")["status"] == "False"
     assert st["restarts"] == 1
     assert st["preemptions"] == 0
-    reasons = [reason for reason, _ in events(client, "t-hang")]
-    assert "NoProgress" in reasons
+    stalled = [message for reason, message in events(client, "t-hang") if reason == "NoProgress"]
+    assert len(stalled) == 1
+    assert f"no new optimizer step for {STALL_SECONDS}s" in stalled[0]
+    assert "step 11" in stalled[0]
     assert any(r == "RestartScheduled" and "(Stalled)" in m for r, m in events(client, "t-hang"))
     # Attempt 2 steps again: the Stalled condition clears once it runs.
     step.set(12)
@@ -130,4 +130,4 @@ def test_a_rank0_still_loading_is_not_stalled(
         # Placed: the clock runs from the first read of a step, and a step that never moves is a stall.
         total.set(1000)
         wait_for(lambda: "t-load-a2" in job_names(client, "t-load"), TIMEOUT, what="attempt 2 after the stall")
-        assert "still at step 0" in condition(status(client, "t-load"), "Stalled")["message"]
+        assert any(r == "NoProgress" and "still at step 0" in m for r, m in events(client, "t-load"))

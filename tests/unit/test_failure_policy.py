@@ -140,6 +140,31 @@ def test_a_disrupted_pod_ends_the_attempt_before_it_terminates() -> None:
     assert cond(plan, ConditionType.RESTARTING)["reason"] == "Preempted"
 
 
+def oom_killed(attempt: int, index: int) -> dict[str, Any]:
+    """A pod whose trainer container the kernel OOM-killed (SIGKILL: exit 137, reason OOMKilled)."""
+    pod = pod_obj(attempt, index, "Failed", 137)
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = "OOMKilled"
+    return pod
+
+
+def test_an_oom_killed_pod_is_a_retryable_failure_not_the_preemption_of_its_sigtermed_peer() -> None:
+    # Rank 1's container is OOM-killed; the Job's podFailurePolicy then deletes rank 0, whose trainer
+    # checkpoints on SIGTERM and exits 21.  docs/operations.md: an OOMKilled container is a retryable
+    # failure, restarted after backoffSeconds and counted in restarts (BackoffLimitExceeded), never a preemption.
+    pods = [pod_obj(1, 0, "Failed", 21, PREEMPTED), oom_killed(1, 1)]
+    message = f"Container trainer for pod ml/{NAME}-a1-1-x failed with exit code 137 matching FailJob rule"
+    jobs = [job_obj(1, conditions=["Failed"], message=message)]
+    failure = classify_failure(observe(NAME, UID, {}, jobs, pods).attempts[1])
+    assert (failure.reason, failure.preempted, failure.permanent) == ("OOMKilled", False, False)
+    plan = run(make_job(), running_status(), jobs, pods)
+    assert (plan.status["restarts"], plan.status["preemptions"]) == (1, 0)
+    assert cond(plan, ConditionType.RESTARTING)["reason"] == "RestartScheduled"
+    # An OOM that repeats uses up maxRestarts instead of looping forever as "preemptions".
+    last = [pod_obj(3, 0, "Failed", 21, PREEMPTED), oom_killed(3, 1)]
+    used = run(make_job(), running_status(attempt=3, restarts=2), [job_obj(3, conditions=["Failed"])], last)
+    assert cond(used, ConditionType.FAILED)["reason"] == "BackoffLimitExceeded"
+
+
 # -- preemptions are not restarts
 
 
@@ -305,6 +330,21 @@ def test_a_read_that_states_no_step_never_starts_or_moves_the_stall_clock() -> N
     assert resumed["lastStepTime"] == rfc3339(NOW - timedelta(minutes=2))
     plan = run(stalls_after_a_minute, {**running_status(), "progress": resumed}, [job_obj(1)], pods)
     assert cond(plan, ConditionType.STALLED)["reason"] == "NoProgress"
+
+
+def test_the_next_attempt_after_a_stall_is_pending_not_running() -> None:
+    # Attempt 1 stalled and was restarted; attempt 2's Job is created and its pods cannot start yet.
+    job = make_job(stallTimeoutSeconds=60)
+    status = _progress(running_status(), 40, rfc3339(NOW - timedelta(seconds=100)))
+    stalled = run(job, status, [job_obj(1)], [pod_obj(1, 0), pod_obj(1, 1)])
+    assert stalled.status["phase"] == Phase.RESTARTING
+    created = run(job, stalled.status, [], [], NOW + timedelta(seconds=30))
+    assert created.create_attempt == 2
+    waiting = [pod_obj(2, 0, "Pending", waiting=("ImagePullBackOff", "Back-off pulling image")), pod_obj(2, 1)]
+    pending = run(job, created.status, [job_obj(2)], waiting, NOW + timedelta(seconds=60))
+    assert cond(pending, ConditionType.RUNNING)["status"] == "False"
+    # No pod of attempt 2 runs: kubectl get must not say Running (attempt 1's stall is over).
+    assert (created.status["phase"], pending.status["phase"]) == (Phase.PENDING, Phase.PENDING)
 
 
 # -- pods stuck on lost nodes

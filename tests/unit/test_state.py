@@ -197,6 +197,22 @@ def test_restart_waits_for_old_pods_then_backoff_then_creates() -> None:
     assert cond(late, ConditionType.RESTARTING)["status"] == "False"
 
 
+def test_backoff_counts_from_the_failure_and_never_starts_before_the_old_pods_are_gone() -> None:
+    # Rank 1 takes 45 s to checkpoint after SIGTERM, longer than backoffSeconds (30): attempt 2 starts as
+    # soon as it is gone, as the Restarting message says.
+    message = {"reason": "StorageUnavailable", "message": "s3 down", "exitCode": 20}
+    failed = run(
+        make_job(), running_status(), [job_obj(1, conditions=["Failed"])], [pod_obj(1, 0, "Failed", 20, message)]
+    )
+    said = cond(failed, ConditionType.RESTARTING)["message"]
+    assert "attempt 2 starts once its pods are gone, 30s after this failure at the earliest" in said
+    stopping = [pod_obj(1, 1, deleting_until="2026-01-02T03:14:05Z")]
+    waiting = run(make_job(), failed.status, [], stopping, NOW + timedelta(seconds=40))
+    assert waiting.create_attempt is None  # 40 s after the failure, but rank 1 still checkpoints
+    gone = run(make_job(), waiting.status, [], [], NOW + timedelta(seconds=45))
+    assert gone.create_attempt == 2
+
+
 def test_max_restarts_exhausted_fails_with_backoff_limit_exceeded() -> None:
     status = running_status(attempt=3, restarts=2)
     plan = run(make_job(), status, [job_obj(3, conditions=["Failed"])], [pod_obj(3, 0, "Failed", 20)])
@@ -214,6 +230,35 @@ def test_deadline_exceeded_fails_and_stops_the_attempt() -> None:
     assert plan.delete_jobs == [f"{NAME}-a1"]
     by_job = run(make_job(), running_status(), [job_obj(1, conditions=["Failed"], reason="DeadlineExceeded")], [])
     assert cond(by_job, ConditionType.FAILED)["reason"] == "DeadlineExceeded"
+
+
+def test_time_suspended_is_not_counted_in_active_deadline_seconds() -> None:
+    # runPolicy.activeDeadlineSeconds counts from the start or the last resume, as a batch/v1 Job's.  The
+    # job ran 10 minutes of its hour, then was suspended for two days.
+    status = running_status()
+    status["startTime"] = "2026-01-02T02:54:05Z"  # NOW - 10 min
+    pods = [pod_obj(1, 0), pod_obj(1, 1)]
+    suspending = run(make_job(activeDeadlineSeconds=3600, suspend=True), status, [job_obj(1)], pods)
+    assert suspending.status["phase"] == Phase.SUSPENDED
+    later = NOW + timedelta(days=2)
+    suspended = run(make_job(activeDeadlineSeconds=3600, suspend=True), suspending.status, [job_obj(1, suspend=True)])
+    still = run(
+        make_job(activeDeadlineSeconds=3600, suspend=True), suspended.status, [job_obj(1, suspend=True)], now=later
+    )
+    assert still.status["phase"] == Phase.SUSPENDED, cond(still, ConditionType.FAILED)["message"]
+    # Resumed two days later: it runs again from its checkpoint instead of failing at once.
+    resumed = run(make_job(activeDeadlineSeconds=3600), suspended.status, [job_obj(1, suspend=True)], now=later)
+    assert get_condition(resumed.status["conditions"], ConditionType.FAILED) is None
+    created = run(make_job(activeDeadlineSeconds=3600), resumed.status, [], now=later + timedelta(seconds=1))
+    assert created.create_attempt == 2
+    running = run(
+        make_job(activeDeadlineSeconds=3600),
+        created.status,
+        [job_obj(2)],
+        [pod_obj(2, 0), pod_obj(2, 1)],
+        later + timedelta(minutes=5),
+    )
+    assert running.status["phase"] == Phase.RUNNING
 
 
 def test_suspend_running_attempt_then_resume_as_new_attempt() -> None:
@@ -303,6 +348,14 @@ def test_invalid_spec_names_the_field() -> None:
     assert "spec.resources.nodes" in failed["message"]
     assert plan.status["phase"] == Phase.FAILED
     assert plan.events[0].reason == "InvalidSpec"
+
+
+def test_invalid_spec_is_deleted_after_its_ttl() -> None:
+    failed = invalid_spec_plan({}, "spec.model", "Field required", NOW, 2, ttl_seconds=60)
+    assert failed.delete_self is False
+    assert failed.requeue_after == pytest.approx(60.0)
+    later = invalid_spec_plan(failed.status, "spec.model", "Field required", NOW + timedelta(seconds=61), 2, 60)
+    assert later.delete_self is True
 
 
 def test_phase_is_derived_from_conditions_only() -> None:

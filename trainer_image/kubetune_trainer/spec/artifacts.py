@@ -66,10 +66,18 @@ class RunPolicy(KubeModel):
         default=3, description="Gang restarts allowed after retryable failures."
     )
     backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
-        default=30, description="Wait before a restarted attempt starts."
+        default=30,
+        description=(
+            "Seconds from a failure to the start of the restarted attempt, at the least; the old pods' shutdown "
+            "(a checkpoint after SIGTERM) counts in them, and the attempt never starts before those pods are gone."
+        ),
     )
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="Fail the job after this many seconds of running in total."
+        default=None,
+        description=(
+            "Fail the job after this many seconds since it started or was last resumed; time suspended does not "
+            "count (as for a batch/v1 Job)."
+        ),
     )
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="Delete the FineTuneJob this long after it finished (storage is kept)."
