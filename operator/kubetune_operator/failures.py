@@ -15,6 +15,7 @@ An attempt ends in one of three ways that matter for accounting (DESIGN §3):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubetune_operator.conditions import Reason
@@ -102,7 +103,7 @@ def classify_failure(attempt: AttemptState) -> Failure:
         reason = attempt.failed_reason or "JobFailed"
         message = attempt.failed_message or f"Job {attempt.name} failed"
         return Failure(reason if reason.isidentifier() else "JobFailed", short(message), None, False)
-    ranked = (
+    ranked: tuple[Callable[[PodState | None, Failure], bool], ...] = (
         lambda pod, f: f.permanent,
         lambda pod, f: f.preempted and (pod is None or pod.disrupted),
         lambda pod, f: not f.preempted and (f.exit_code not in SIGNAL_EXIT_CODES or f.reason == OOM_KILLED),
