@@ -13,7 +13,9 @@ Kubernetes ``$(VAR)`` references; credentials only as ``secretKeyRef``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from kubetune_operator.resolve import ResolvedJob, pvc_claims
 from kubetune_trainer.spec import API_VERSION, KIND
 from kubetune_trainer.spec import layout as lay
 from kubetune_trainer.spec import runtime as rt
+from kubetune_trainer.spec._base import DNS1123_LABEL_PATTERN
 
 METRICS_PORT_NAME = "metrics"
 RENDEZVOUS_PORT_NAME = "rendezvous"
@@ -46,6 +49,7 @@ NCCL_DEFAULTS = (
 TMP_DIR = rt.TMP_DIR
 SHM_DIR = rt.SHM_DIR
 CONFIG_PATH = f"{rt.CONFIG_MOUNT_DIR}/{rt.CONFIG_FILE_NAME}"
+_DNS1123_LABEL = re.compile(DNS1123_LABEL_PATTERN)
 
 
 def trainer_config(resolved: ResolvedJob) -> dict[str, Any]:
@@ -129,7 +133,14 @@ class PvcMount:
 
     @property
     def volume_name(self) -> str:
-        return f"pvc-{self.claim}"[:63].rstrip("-.")
+        """``pvc-<claim>``; a claim name that is no DNS-1123 label that way (a dot, too long) gets a
+        shortened, dot-free name with a hash of the claim, so that two claims never share a volume."""
+        plain = f"pvc-{self.claim}"
+        if _DNS1123_LABEL.match(plain):
+            return plain
+        digest = hashlib.sha256(self.claim.encode()).hexdigest()[:8]
+        stem = plain.replace(".", "-")[:54].rstrip("-")
+        return f"{stem}-{digest}"
 
     @property
     def mount_path(self) -> str:

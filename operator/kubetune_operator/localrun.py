@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -44,11 +45,12 @@ from kubetune_operator.localpods import (
 )
 from kubetune_operator.observe import AttemptState, PodState
 from kubetune_operator.progress import parse_progress
-from kubetune_operator.resolve import ResolvedJob, resolve_job
+from kubetune_operator.resolve import InvalidSpec, ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
 from kubetune_trainer.spec import GPU_RESOURCE, FineTuneJob
 from kubetune_trainer.spec import runtime as rt
+from kubetune_trainer.spec._base import STORAGE_URI_PATTERN
 from kubetune_trainer.spec.termination import TerminationMessage
 
 LOCAL_IMAGE = "local"
@@ -85,6 +87,12 @@ def localize_job(job: FineTuneJob, options: RunOptions) -> tuple[ResolvedJob, Pa
     node/process overrides, checkpoints in a local directory and the output below them (cluster
     endpoints, Secrets and images do not apply on this machine)."""
     storage = (options.storage or Path("runs") / job.metadata.name).resolve()
+    if not re.match(STORAGE_URI_PATTERN, f"file://{storage}"):
+        raise InvalidSpec(
+            "--storage",
+            f"the storage folder {storage} (default ./runs/<name>) cannot hold checkpoints: a checkpoint URI "
+            "takes letters, digits and . _ ~ / % + = , : - only (no spaces); pass --storage with such a path",
+        )
     spec = job.spec
     processes = options.processes_per_node or spec.resources.processes()
     # One local process per GPU of the pod: an override of the process count moves the GPU count with it.

@@ -365,3 +365,26 @@ def test_progress_before_training_or_garbage() -> None:
     parsed = parse_progress("kubetune_trainer_step 0\nkubetune_trainer_checkpoint_step 0\n", now)
     assert parsed is not None
     assert parsed == ({"updated": "2026-01-02T00:00:00Z"}, {})
+
+
+@pytest.mark.parametrize(
+    ("train", "validation"),
+    [
+        ("pvc://data.v1/train.jsonl", "pvc://data.v1/dev.jsonl"),  # a claim name with a dot (a valid PVC name)
+        ("pvc://" + "a" * 60 + "-one/train.jsonl", "pvc://" + "a" * 60 + "-two/dev.jsonl"),  # long, same 59 chars
+    ],
+)
+def test_pvc_volume_names_are_unique_dns_labels(train: str, validation: str) -> None:
+    """The API server rejects a pod whose volume name is not a DNS-1123 label or is not unique."""
+    import re
+
+    doc = _load("lora-sequence-classification.yaml")
+    doc["spec"]["dataset"].update({"train": train, "validation": validation})
+    _cm, _svc, attempt_job = desired_children(load_job(doc, SETTINGS), attempt=1)
+    pod = attempt_job["spec"]["template"]["spec"]
+    volumes = [v["name"] for v in pod["volumes"]]
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    assert [n for n in volumes if not label.match(n)] == [], volumes
+    assert len(set(volumes)) == len(volumes), volumes
+    mounted = {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounted <= set(volumes)

@@ -104,3 +104,34 @@ def test_no_command_prints_a_traceback_for_a_user_error(
     assert result.returncode != 0, output
     assert "Traceback" not in output, output
     assert words in " ".join(output.split()), output
+
+
+@pytest.mark.parametrize("gpus", ["2k", "500m"])
+def test_a_gpu_count_with_a_unit_is_a_named_problem_not_a_traceback(gpus: str, tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "lora-sequence-classification.yaml").read_text())
+    del document["spec"]["resources"]["processesPerNode"]
+    document["spec"]["resources"]["requests"]["nvidia.com/gpu"] = gpus
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(document))
+    for command in ("render", "validate"):
+        result = kubetune(command, str(path))
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output, output
+        assert result.returncode == 1, output
+        assert "spec.resources.requests" in output, output
+
+
+def test_run_names_the_storage_folder_when_its_path_cannot_be_a_checkpoint_uri(tmp_path: Path) -> None:
+    """A folder with a space (``--storage``, or the default ./runs/<name> under such a working directory) is
+    the user's choice on the command line, not a field of the manifest: the message says so."""
+    project = tmp_path / "my project"
+    project.mkdir()
+    demo = str(ROOT / "examples" / "local" / "demo.yaml")
+    for argv, cwd in (([demo, "--storage", str(project / "runs")], tmp_path), ([demo], project)):
+        result = kubetune("run", *argv, cwd=cwd)
+        output = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 2, output
+        assert "Traceback" not in output, output
+        assert "--storage" in output, output
+        assert "my project" in output, output
+        assert "spec.checkpoint.uri" not in output, output

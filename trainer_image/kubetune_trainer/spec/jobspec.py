@@ -12,7 +12,7 @@ from kubetune_trainer.spec.data import DatasetSpec
 from kubetune_trainer.spec.model import CLASSIFICATION_TASKS, LANGUAGE_MODEL_TASKS, ModelSpec, Task
 from kubetune_trainer.spec.resources import DeepSpeedSpec, ResourcesSpec
 from kubetune_trainer.spec.strategy import StrategySpec, strategy_job_rules
-from kubetune_trainer.spec.training import LM_METRICS, ObjectiveSpec, TrainingSpec
+from kubetune_trainer.spec.training import LM_METRICS, EvaluationSpec, ObjectiveSpec, TrainingSpec
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "loss")
 IMMUTABLE_SPEC_FIELDS = (
@@ -76,6 +76,26 @@ class FineTuneJobSpec(KubeModel):
                     else s.training.evaluation.metric in _CLASSIFICATION_METRICS
                 )
             ),
+        ),
+        Rule(
+            cel=(
+                "(!has(self.training.evaluation.everySteps) && !has(self.training.evaluation.metric) && "
+                "!has(self.training.evaluation.earlyStoppingPatience)) || "
+                "has(self.dataset.validation) || has(self.dataset.validationSplit)"
+            ),
+            message="evaluation settings need validation data: set dataset.validation or dataset.validationSplit",
+            field="training.evaluation",
+            check=lambda s: (
+                s.training.evaluation == EvaluationSpec()
+                or s.dataset.validation is not None
+                or s.dataset.validation_split is not None
+            ),
+        ),
+        Rule(
+            cel="!has(self.dataset.textPairField) || self.model.task == 'sequence-classification'",
+            message="textPairField applies to sequence-classification only",
+            field="dataset.textPairField",
+            check=lambda s: s.dataset.text_pair_field is None or s.model.task == Task.SEQUENCE_CLASSIFICATION,
         ),
         Rule(
             cel="!has(self.dataset.packing) || !self.dataset.packing || self.model.task == 'causal-lm'",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
@@ -85,6 +86,21 @@ ResourceMap = Annotated[
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
+def _whole_gpus(quantities: dict[str, int | str]) -> bool:
+    # Kubernetes takes extended resources in whole units only; a unit ("2k", "500m") is no GPU count.
+    value = quantities.get(GPU_RESOURCE)
+    return value is None or str(value).isdigit()
+
+
+def _whole_gpus_in(field: str) -> Callable[[Any], bool]:
+    return lambda r: _whole_gpus(getattr(r, field))
+
+
+def _gpu_cel(field: str) -> str:
+    value = f"self.{field}['{GPU_RESOURCE}']"
+    return f"(!has(self.{field}) || !('{GPU_RESOURCE}' in self.{field}) || string({value}).matches('^[0-9]+$'))"
+
+
 def _gpu_quantity(resources: Any) -> int | str | None:
     # The pod's GPU count as written: requests first, then limits (which default to the requests).
     value: int | str | None = resources.requests.get(GPU_RESOURCE, resources.limits.get(GPU_RESOURCE))
@@ -113,6 +129,30 @@ class ResourcesSpec(KubeModel):
                 r.processes_per_node is None
                 or _gpu_quantity(r) is None
                 or str(_gpu_quantity(r)) in ("0", str(r.processes_per_node))
+            ),
+        ),
+        *(
+            Rule(
+                cel=_gpu_cel(field),
+                message=f"{GPU_RESOURCE} must be a whole number of GPUs (e.g. 8), without a unit or a fraction",
+                field=field,
+                check=_whole_gpus_in(field),
+            )
+            for field in ("requests", "limits")
+        ),
+        Rule(
+            cel=(
+                f"!has(self.requests) || !has(self.limits) || !('{GPU_RESOURCE}' in self.requests) || "
+                f"!('{GPU_RESOURCE}' in self.limits) || "
+                f"string(self.requests['{GPU_RESOURCE}']) == string(self.limits['{GPU_RESOURCE}'])"
+            ),
+            message=f"the {GPU_RESOURCE} limit must equal the request (Kubernetes does not overcommit GPUs); "
+            "set it in requests only",
+            field="limits",
+            check=lambda r: (
+                GPU_RESOURCE not in r.requests
+                or GPU_RESOURCE not in r.limits
+                or str(r.requests[GPU_RESOURCE]) == str(r.limits[GPU_RESOURCE])
             ),
         ),
         *ps.pod_settings_rules(),

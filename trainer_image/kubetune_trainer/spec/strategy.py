@@ -389,7 +389,27 @@ register_strategy(
 )
 register_strategy(
     StrategyDefinition(
-        "ia3", "learned rescaling vectors (PEFT)", f"{_PEFT}:apply_ia3", settings=Ia3Config, mergeable=True
+        "ia3",
+        "learned rescaling vectors (PEFT)",
+        f"{_PEFT}:apply_ia3",
+        settings=Ia3Config,
+        mergeable=True,
+        rules=(
+            Rule(
+                cel=(
+                    "!has(self.ia3) || !has(self.ia3.feedforwardModules) || !has(self.ia3.targetModules) || "
+                    "self.ia3.feedforwardModules.all(m, m in self.ia3.targetModules)"
+                ),
+                message="ia3.feedforwardModules must be a subset of ia3.targetModules",
+                field="ia3.feedforwardModules",
+                check=lambda s: (
+                    (b := s.block("ia3")) is None
+                    or b.feedforward_modules is None
+                    or b.target_modules is None
+                    or set(b.feedforward_modules) <= set(b.target_modules)
+                ),
+            ),
+        ),
     )
 )
 register_strategy(
