@@ -98,9 +98,14 @@ def render(
     if problems:
         raise typer.Exit(code=1)
     settings = load_settings()
+    documents = [document for _source, document in load_documents(file)]
     prefix = checkpoint_uri or settings.default_checkpoint_uri
     if prefix is None:
         prefix = PLACEHOLDER_CHECKPOINT_URI
+    # Said only when a job takes the placeholder (one without spec.checkpoint.uri).
+    if prefix == PLACEHOLDER_CHECKPOINT_URI and any(
+        not ((document.get("spec") or {}).get("checkpoint") or {}).get("uri") for document in documents
+    ):
         _err.print(
             f"note: jobs without spec.checkpoint.uri are rendered with the placeholder {prefix}; "
             "pass --checkpoint-uri (or set KUBETUNE_DEFAULT_CHECKPOINT_URI) for the real one",
@@ -108,7 +113,6 @@ def render(
             soft_wrap=True,
         )
     settings = load_settings(default_checkpoint_uri=prefix)
-    documents = [document for _source, document in load_documents(file)]
     typer.echo(render_manifests(documents, settings), nl=False)
 
 

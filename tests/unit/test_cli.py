@@ -54,6 +54,9 @@ def test_render_says_when_it_used_the_placeholder_and_takes_the_real_prefix() ->
     assert "s3://team-ckpt/ml/topics-full" in real.stdout
     from_env = kubetune("render", example, env={"KUBETUNE_DEFAULT_CHECKPOINT_URI": "s3://operator-default"})
     assert "s3://operator-default/ml/topics-full" in from_env.stdout
+    with_its_own = kubetune("render", str(ROOT / "examples" / "lora-sequence-classification.yaml"))
+    assert with_its_own.returncode == 0, with_its_own.stderr
+    assert "placeholder" not in with_its_own.stderr  # every job sets spec.checkpoint.uri: nothing to say
 
 
 def _two_jobs(tmp: Path) -> Path:
