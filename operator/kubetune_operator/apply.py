@@ -17,7 +17,7 @@ from typing import Any
 
 from kubetune_operator import conditions as c
 from kubetune_operator import kube, names
-from kubetune_operator.builders import desired_children
+from kubetune_operator.builders import METRICS_PORT_NAME, desired_children
 from kubetune_operator.observe import Conflict, Observed, node_ready, observe, ownership, pod_state, stuck_pods
 from kubetune_operator.progress import parse_progress, with_step_time
 from kubetune_operator.reconcile import Event, Plan, invalid_spec_plan, next_status
@@ -34,9 +34,15 @@ VOLATILE_PROGRESS = ("updated", "eta")  # change on every read; not worth a writ
 
 
 def default_metrics_url(pod: Mapping[str, Any]) -> str | None:
-    """Rank 0's metrics URL from its pod IP and the named ``metrics`` port."""
+    """Rank 0's metrics URL from its pod IP and the container port named ``metrics`` (the port the pod
+    was built with, which need not be today's setting)."""
     ip = (pod.get("status") or {}).get("podIP")
-    return f"http://{ip}:{rt.DEFAULT_METRICS_PORT}/metrics" if ip else None
+    if not ip:
+        return None
+    containers = (pod.get("spec") or {}).get("containers") or []
+    ports = [p for c in containers for p in c.get("ports") or [] if p.get("name") == METRICS_PORT_NAME]
+    port = ports[0].get("containerPort") if ports else rt.DEFAULT_METRICS_PORT
+    return f"http://{ip}:{port}/metrics"
 
 
 @dataclass(frozen=True)

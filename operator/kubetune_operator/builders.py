@@ -117,8 +117,8 @@ def build_service(job: ResolvedJob, attempt: int) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "selector": names.trainer_pod_selector(name),
             "ports": [
-                {"name": RENDEZVOUS_PORT_NAME, "port": rt.RENDEZVOUS_PORT, "targetPort": rt.RENDEZVOUS_PORT},
-                {"name": METRICS_PORT_NAME, "port": rt.DEFAULT_METRICS_PORT, "targetPort": rt.DEFAULT_METRICS_PORT},
+                {"name": RENDEZVOUS_PORT_NAME, "port": job.rendezvous_port, "targetPort": job.rendezvous_port},
+                {"name": METRICS_PORT_NAME, "port": job.metrics_port, "targetPort": job.metrics_port},
             ],
         },
     }
@@ -177,9 +177,9 @@ def _env(job: ResolvedJob, attempt: int) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": ENV_COMPLETION_INDEX, "valueFrom": {"fieldRef": {"fieldPath": names.completion_index_field_path()}}},
         {"name": ENV_MASTER_ADDR, "value": names.master_address(name, attempt)},
-        {"name": ENV_MASTER_PORT, "value": str(rt.RENDEZVOUS_PORT)},
+        {"name": ENV_MASTER_PORT, "value": str(job.rendezvous_port)},
         {"name": rt.ENV_CONFIG, "value": CONFIG_PATH},
-        {"name": rt.ENV_METRICS_PORT, "value": str(rt.DEFAULT_METRICS_PORT)},
+        {"name": rt.ENV_METRICS_PORT, "value": str(job.metrics_port)},
         {"name": rt.ENV_WORK_DIR, "value": rt.DEFAULT_WORK_DIR},
         {"name": rt.ENV_TERMINATION_LOG, "value": rt.DEFAULT_TERMINATION_LOG},
         {"name": rt.ENV_ATTEMPT, "value": str(attempt)},
@@ -292,8 +292,8 @@ def _pod_spec(job: ResolvedJob, attempt: int) -> dict[str, Any]:
         "args": args,
         "env": _env(job, attempt),
         "ports": [
-            {"name": METRICS_PORT_NAME, "containerPort": rt.DEFAULT_METRICS_PORT, "protocol": "TCP"},
-            {"name": RENDEZVOUS_PORT_NAME, "containerPort": rt.RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": METRICS_PORT_NAME, "containerPort": job.metrics_port, "protocol": "TCP"},
+            {"name": RENDEZVOUS_PORT_NAME, "containerPort": job.rendezvous_port, "protocol": "TCP"},
         ],
         "resources": _resources(job),
         "volumeMounts": mounts,

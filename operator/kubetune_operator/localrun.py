@@ -49,7 +49,6 @@ from kubetune_operator.resolve import InvalidSpec, ResolvedJob, resolve_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validate import Problem, load_documents, validate_files
 from kubetune_trainer.spec import GPU_RESOURCE, FineTuneJob
-from kubetune_trainer.spec import runtime as rt
 from kubetune_trainer.spec._base import STORAGE_URI_PATTERN
 from kubetune_trainer.spec.termination import TerminationMessage
 
@@ -212,7 +211,7 @@ class LocalRun:
         layout = LocalLayout(
             root=self.storage / ".local" / (stamp if attempt == 1 else f"{stamp}.{attempt}"),
             host_aliases={names.master_address(self.job.name, attempt): "127.0.0.1"},
-            port_map={rt.RENDEZVOUS_PORT: free_port()},
+            port_map={self.job.rendezvous_port: free_port()},
             config_maps={config_map["metadata"]["name"]: config_map["data"]},
             base_env=self._base_env(),
             gpus=self.gpus,

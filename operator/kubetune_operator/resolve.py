@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec
 from kubetune_trainer.spec import layout as lay
+from kubetune_trainer.spec import runtime as rt
 from kubetune_trainer.spec._base import DNS1123_SUBDOMAIN_PATTERN
 
 DEFAULT_NAMESPACE = "default"
@@ -40,6 +41,8 @@ class ResolvedJob:
     endpoint, credentials Secret, processes per node).  Made by :func:`resolve_job` only."""
 
     job: FineTuneJob
+    metrics_port: int = rt.DEFAULT_METRICS_PORT  # the trainer pods' `metrics` port (KUBETUNE_TRAINER_METRICS_PORT)
+    rendezvous_port: int = rt.RENDEZVOUS_PORT  # torch.distributed rendezvous (KUBETUNE_RENDEZVOUS_PORT)
 
     @property
     def name(self) -> str:
@@ -144,7 +147,11 @@ def resolve_job(job: FineTuneJob, settings: OperatorSettings) -> ResolvedJob:
         }
     )
     new_spec = spec.model_copy(update={"checkpoint": checkpoint, "output": output, "resources": resources})
-    resolved = ResolvedJob(job.model_copy(update={"spec": new_spec}))
+    resolved = ResolvedJob(
+        job.model_copy(update={"spec": new_spec}),
+        metrics_port=settings.trainer_metrics_port,
+        rendezvous_port=settings.rendezvous_port,
+    )
     pvc_claims(resolved)
     return resolved
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubetune_trainer.spec import runtime as rt
 from kubetune_trainer.spec._base import (
     DNS1123_SUBDOMAIN_PATTERN,
     ENDPOINT_PATTERN,
@@ -58,6 +59,12 @@ class OperatorSettings(BaseSettings):
     )
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8080, description="Port of /metrics.")
     health_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8081, description="Port of /healthz.")
+    trainer_metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=rt.DEFAULT_METRICS_PORT, description="Port of the trainer pods' named `metrics` port."
+    )
+    rendezvous_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=rt.RENDEZVOUS_PORT, description="torch.distributed rendezvous port of the trainer pods."
+    )
     progress_interval_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = Field(
         default=30.0, description="How often rank 0's metrics are read into status.progress."
     )
@@ -93,6 +100,12 @@ class OperatorSettings(BaseSettings):
             if not _NAMESPACE_PATTERN.match(namespace) or len(namespace) > 63:
                 raise ValueError(f"{namespace!r} is not a namespace name")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_trainer_ports(self) -> OperatorSettings:
+        if self.trainer_metrics_port == self.rendezvous_port:
+            raise ValueError("KUBETUNE_TRAINER_METRICS_PORT and KUBETUNE_RENDEZVOUS_PORT must differ")
+        return self
 
     @property
     def all_namespaces(self) -> bool:

@@ -293,3 +293,76 @@ def test_notes_render() -> None:
 def test_chart_ci_files_are_valid_yaml_mappings() -> None:
     for path in Path(helm.CHART_DIR / "ci").glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()) or {}, dict), path
+
+
+def test_trainer_port_values_reach_the_pods_the_operator_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trainer.metricsPort`` and ``trainer.rendezvousPort`` (values.yaml) are the ports of the trainer pods the
+    operator creates: the chart hands them to the operator, its builders use them, and it reads progress there."""
+    settings = pytest.importorskip("kubetune_operator.settings")
+    resolve: Any = pytest.importorskip("kubetune_operator.resolve")
+    builders: Any = pytest.importorskip("kubetune_operator.builders")
+    apply: Any = pytest.importorskip("kubetune_operator.apply")
+    values = {"trainer": {"metricsPort": 9500, "rendezvousPort": 29600}, "operator": {"defaultCheckpointUri": "s3://c"}}
+    container = helm.one(helm.render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for name in [n for n in os.environ if n.startswith("KUBETUNE_")]:
+        monkeypatch.delenv(name)
+    for env in container["env"]:
+        monkeypatch.setenv(env["name"], env["value"])
+    manifest = yaml.safe_load((helm.REPO / "examples" / "lora-sequence-classification.yaml").read_text())
+    manifest["metadata"].update(namespace="ml", uid="0b5c6a0e-7d3c-4c1e-9b1a-3f7e2d9c1a00")
+    _config_map, service, attempt_job = builders.desired_children(
+        resolve.load_job(manifest, settings.load_settings()), attempt=1
+    )
+    pod = attempt_job["spec"]["template"]["spec"]
+    (trainer,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in trainer["ports"]}
+    assert ports == {"metrics": 9500, "rendezvous": 29600}
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["KUBETUNE_METRICS_PORT"] == "9500"
+    assert env["KUBETUNE_MASTER_PORT"] == "29600"
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"metrics": 9500, "rendezvous": 29600}
+    running = {"spec": pod, "status": {"podIP": "10.0.0.7"}}
+    assert apply.default_metrics_url(running) == "http://10.0.0.7:9500/metrics"
+
+
+#: Operator settings values that ``load_settings`` refuses (the operator exits 2 at start-up, CrashLoopBackOff):
+#: ``helm install`` must refuse them first.  The endpoint with user:password@ would also put a credential in
+#: the Deployment.
+REFUSED_BY_THE_OPERATOR = [
+    ("operator", "checkpointEndpoint", "checkpoint_endpoint", "http://AKIAEXAMPLE:wJalrXUtn@minio.storage:9000"),
+    ("operator", "checkpointEndpoint", "checkpoint_endpoint", "http://minio_storage:9000"),
+    ("operator", "defaultCheckpointUri", "default_checkpoint_uri", "s3://ckpt/team a"),
+    ("operator", "defaultCheckpointUri", "default_checkpoint_uri", "s3://user:password@host/ckpt"),
+    ("operator", "defaultOutputUri", "default_output_uri", "s3://out/$(id)"),
+    ("operator", "defaultImage", "default_image", "ghcr.io/kubetune/kubetune-trainer:0.1.0 "),
+    ("operator", "credentialsSecret", "credentials_secret", "s3..creds"),
+    ("peering", "name", "peering_name", "Kubetune_Peering"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "setting", "value"), REFUSED_BY_THE_OPERATOR, ids=lambda v: str(v))
+def test_schema_rejects_settings_the_operator_refuses(section: str, key: str, setting: str, value: str) -> None:
+    settings = pytest.importorskip("kubetune_operator.settings")
+    with pytest.raises(settings.SettingsError):
+        settings.load_settings(**{setting: value})
+    with pytest.raises(helm_python.HelmError, match=key):
+        helm.render({section: {key: value}})
+
+
+@pytest.mark.parametrize(("replicas", "standalone"), [(1, True), (2, False)])
+def test_without_a_peering_object_a_single_replica_runs_standalone(
+    replicas: int, standalone: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf's peering is mandatory unless standalone: a replica waits for the peering object and, when none
+    exists, never reconciles.  With ``peering.create: false`` a single replica must run standalone; several
+    replicas still need a peering object (the platform team's own)."""
+    settings = pytest.importorskip("kubetune_operator.settings")
+    objects = helm.render({"peering": {"create": False}, "replicaCount": replicas})
+    assert not helm.find(objects, "ClusterKopfPeering")
+    assert not helm.find(objects, "KopfPeering")
+    container = helm.one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for name in [n for n in os.environ if n.startswith("KUBETUNE_")]:
+        monkeypatch.delenv(name)
+    for env in container["env"]:
+        monkeypatch.setenv(env["name"], env["value"])
+    assert settings.load_settings().standalone is standalone
