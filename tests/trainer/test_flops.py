@@ -123,3 +123,25 @@ def test_reporter_sets_the_mfu_gauge_and_the_run_figures() -> None:
     figures = reporter.throughput()
     assert figures["tokensPerSecond"] == pytest.approx(100_000)
     assert figures["modelFlopsUtilization"] == pytest.approx(expected)
+
+
+def test_steady_state_of_a_resumed_attempt_leaves_out_its_own_warm_up() -> None:
+    # An attempt that resumed at step 60 of 100 warms up again (allocator, compilation, caches): its first
+    # steps are slow, and "steadyState" (what benchmarks/gpu_llm.py reports) must not count them.
+    session = Session(rank=1, world_size=1, local_rank=1, local_world_size=1, placement=Placement(torch.device("cpu")))
+    reporter = Reporter(
+        metrics=TrainerMetrics(),
+        session=session,
+        total_steps=100,
+        batches_per_epoch=50,
+        log_every=1000,
+        flops_per_token=6e9,
+        peak_tflops=None,
+    )
+    for step in range(61, 101):
+        seconds = 10.0 if step <= 65 else 1.0  # the attempt's first five steps warm up
+        losses = {"total": 1.0, "task": 1.0, "auxiliary": 0.0, "l2sp": 0.0}
+        reporter.step(StepStats(step, step, losses, 8, 1000, False, False, 1e-4, 1.0, seconds))
+    steady = reporter.throughput()["steadyState"]
+    assert steady["afterSteps"] == reporter.warmup_steps
+    assert steady["tokensPerSecond"] == pytest.approx(1000.0)

@@ -54,6 +54,9 @@ class TrainState:
         self.step = int(client_state["step"])
         self.micro = int(client_state["micro"])
         self.early.load(client_state.get("early_stopping", {}))
+        # A run saved after early stopping fired (its last checkpoint, or finish()'s) stays stopped: the model
+        # published is that evaluation's, even when publishing failed and the gang restarted.
+        self.stopped_early = self.early.should_stop
         self.last_eval = dict(client_state.get("last_eval", {}))
         self.last_checkpoint_step = self.step
         self.resumed_from = self.step

@@ -31,6 +31,7 @@ class Reporter:
     tokens: int = 0
     seconds: float = 0.0
     steady: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # samples, tokens, seconds after warm-up
+    first_step: int | None = None  # this attempt's first step
     _window: list[float] = field(default_factory=lambda: [0.0, 0.0, time.time()])  # samples, tokens, start
 
     def step(self, stats: StepStats) -> None:
@@ -38,7 +39,9 @@ class Reporter:
         self.samples += stats.samples
         self.tokens += stats.tokens
         self.seconds += stats.seconds
-        if stats.step > self.warmup_steps:
+        if self.first_step is None:
+            self.first_step = stats.step  # 1, or the step after the checkpoint this attempt resumed
+        if stats.step - self.first_step >= self.warmup_steps:  # every attempt warms up again
             self.steady = [
                 self.steady[0] + stats.samples,
                 self.steady[1] + stats.tokens,
@@ -77,7 +80,7 @@ class Reporter:
 
     @property
     def warmup_steps(self) -> int:
-        """Steps left out of the steady-state figures (allocator growth, compilation, cache warm-up)."""
+        """Steps of this attempt left out of the steady-state figures (allocator growth, compilation, cache warm-up)."""
         return min(10, self.total_steps // 3)
 
     def step_mfu(self, stats: StepStats) -> float | None:

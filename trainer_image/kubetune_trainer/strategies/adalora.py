@@ -57,6 +57,24 @@ def weighted_orthogonality(weight: float) -> Any:
     return term
 
 
+def rank_pattern_from_masks(model: Any, adapter: str) -> dict[str, list[bool]]:
+    """The rank pattern PEFT fixed at ``total_step - tfinal``, read back from the ``lora_E`` entries it zeroed.
+
+    PEFT keeps the pattern in the adapter config only, never in the weights a checkpoint holds; in the
+    final phase it masks the pruned entries after every step, so a zero entry is a pruned rank.  The fp32
+    master copy is read where DeepSpeed keeps one.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    pattern: dict[str, list[bool]] = {}
+    for name, param in model.named_parameters():
+        if f"lora_E.{adapter}" in name:
+            master = safe_get_full_fp32_param(param)
+            values = master if master is not None else param.data
+            pattern[name] = (values != 0).view(-1).tolist()
+    return pattern
+
+
 def _task_model(engine: Any) -> Any:
     # With an auxiliary loss the engine holds TaskWithAuxiliary; the PeftModel is its task model.
     return getattr(engine.module, "task_model", engine.module)
@@ -75,11 +93,19 @@ class BudgetUpdate:
     """
 
     _grads: dict[str, Tensor] = field(default_factory=dict)
+    _masks: dict[str, list[bool]] | None = None  # the lora_E entries not zeroed, before the first step
+    _started: bool = False
 
     def before_step(self, engine: Any) -> None:
         """Keep the full gradients of the AdaLoRA parameters (DeepSpeed holds them in its partitions)."""
         from deepspeed.utils import safe_get_full_grad
 
+        tuner = _task_model(engine).base_model
+        if not self._started and tuner.peft_config[tuner.trainable_adapter_name].rank_pattern is None:
+            # This process's first step, before the optimizer moves the pruned entries: what a resumed
+            # run's pattern is read from (later steps have PEFT's own).
+            self._masks = rank_pattern_from_masks(tuner.model, tuner.trainable_adapter_name)
+        self._started = True
         self._grads = {}
         for name, param in _task_model(engine).named_parameters():
             if "lora_" in name and param.requires_grad:
@@ -97,7 +123,13 @@ class BudgetUpdate:
             # DeepSpeed's full gradients are fp32 (its partitions); PEFT multiplies them with the
             # parameters, which are bf16/fp16 in a half-precision run.
             named[name].grad = grad.to(named[name].dtype)
-        model.base_model.update_and_allocate(step)
+        tuner = model.base_model
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        if config.rank_pattern is None and step > config.total_step - config.tfinal and self._masks is not None:
+            # A resumed run: the budget was fixed before its checkpoint, and PEFT would mask with no pattern.
+            config.rank_pattern = self._masks
+        self._masks = None
+        tuner.update_and_allocate(step)
         for name in self._grads:
             named[name].grad = None
         self._grads = {}
@@ -107,5 +139,7 @@ class BudgetUpdate:
                     # Mask the fp32 master copy where PEFT zeroed the working copy; writing the working
                     # copy back would round every kept value to bf16/fp16.
                     master = safe_get_full_fp32_param(param)
+                    if master is None:
+                        continue  # no separate master copy (ZeRO-0 in fp32): PEFT masked the weight itself
                     masked = torch.where(param.data == 0, torch.zeros_like(master), master)
                     safe_set_full_fp32_param(param, masked)
