@@ -132,6 +132,27 @@ def test_local_store_move_links_on_the_same_filesystem_and_copies_otherwise(tmp_
             shutil.rmtree(other)
 
 
+def test_download_prefix_skips_s3_folder_markers(s3_server: S3Endpoint, tmp_path: Path) -> None:
+    # The S3 console's "Create folder" (and s3fs, Hadoop's s3a) store empty objects named "<folder>/":
+    # they are no files, and a model folder made that way downloads like any other.
+    for key, body in [
+        ("models/tiny/", b""),
+        ("models/tiny/config.json", b"{}"),
+        ("models/tiny/tokenizer/", b""),
+        ("models/tiny/tokenizer/vocab.txt", b"a\nb\n"),
+    ]:
+        s3_server.write(key, body)
+    store = open_store(s3_server.uri("models/tiny"), endpoint=s3_server.endpoint, retry=FAST_RETRY)
+    dst = tmp_path / "model"
+    assert store.download_prefix("", dst) == [dst / "config.json", dst / "tokenizer" / "vocab.txt"]
+    assert (dst / "tokenizer" / "vocab.txt").read_bytes() == b"a\nb\n"
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*")) == [
+        "config.json",
+        "tokenizer",
+        "tokenizer/vocab.txt",
+    ]
+
+
 def test_abort_incomplete_multipart_uploads(s3_server: S3Endpoint) -> None:
     client = s3_server.client()
     client.create_multipart_upload(Bucket=s3_server.bucket, Key="jobs/a/checkpoints/step-00000005/shard")

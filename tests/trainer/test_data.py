@@ -71,6 +71,21 @@ def test_errors_name_file_line_and_field(tmp_path: Path, tokenizer) -> None:  # 
         read_records(broken, fmt="jsonl", display=str(broken))
 
 
+def test_csv_with_a_utf8_bom_keeps_its_first_column_name(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" and PowerShell's Export-Csv write a byte-order mark before the header.
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\r\ngreat film,1\r\n")
+    assert read_records(path, fmt="csv", display="excel.csv") == [(2, {"text": "great film", "label": "1"})]
+
+
+def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
+    # A quoted field may hold newlines, and blank lines are skipped: neither may shift the line numbers
+    # that error messages name.
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"two\nlines",1\n\nafter,0\nlast,1\n')
+    assert [number for number, _row in read_records(path, fmt="csv", display="multi.csv")] == [2, 5, 6]
+
+
 def test_parquet_rows_are_read(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -105,6 +105,36 @@ def test_a_folder_reads_its_data_files_and_skips_the_rest(tmp_path: Path, tokeni
     assert _texts(tokenizer, data) == expected
 
 
+def _shard_keys(uri: str) -> list[str]:
+    from kubetune_trainer import datasources
+
+    planned = datasources.plan(uri, declared_format=None, split=None, subset=None, endpoint=None, region=None)
+    return [shard.key for shard in planned.shards]
+
+
+def test_a_folder_skips_files_in_hidden_and_underscore_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    write_jsonl(folder / "a.jsonl", sentiment_rows(2, seed=1))
+    write_jsonl(folder / "2024" / "b.jsonl", sentiment_rows(2, seed=2))
+    # Jupyter's autosaves of the data, and a Spark job's unfinished output: not data to train on.
+    write_jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", sentiment_rows(2, seed=1))
+    write_jsonl(folder / "_temporary" / "0" / "part-00000.jsonl", sentiment_rows(1, seed=3))
+    assert _shard_keys(f"file://{folder}/") == ["2024/b.jsonl", "a.jsonl"]
+    assert _shard_keys(f"file://{folder}/**/*.jsonl") == ["2024/b.jsonl", "a.jsonl"]
+
+
+def test_relative_file_uris_name_folders_and_globs_as_they_name_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # file://data/x.jsonl is the relative path data/x.jsonl (what `kubetune run` in a project folder uses).
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data" / "a.jsonl", sentiment_rows(2, seed=1))
+    write_jsonl(tmp_path / "data" / "b.jsonl", sentiment_rows(2, seed=2))
+    assert _shard_keys("file://data/a.jsonl") == [""]
+    assert _shard_keys("file://data/") == ["a.jsonl", "b.jsonl"]
+    assert _shard_keys("file://data/*.jsonl") == ["a.jsonl", "b.jsonl"]
+
+
 def _hub_cache(root: Path, rows: dict[str, list[dict[str, Any]]]) -> Path:
     """A dataset repo as huggingface_hub caches it: refs/main -> snapshots/<commit>/data/<split>-*.parquet."""
     import pyarrow as pa

@@ -136,8 +136,10 @@ def _plan_many(
     for obj in listing.objects:
         name = obj.key.rsplit("/", 1)[-1]
         fmt = readers.format_of(name, declared)
-        if fmt is None or name.startswith((".", "_")):
-            if is_glob(uri) and not name.startswith((".", "_")):
+        # Hidden: the file, or a folder it is in (.ipynb_checkpoints/, a Spark job's _temporary/).
+        hidden = any(segment.startswith((".", "_")) for segment in obj.key.split("/"))
+        if fmt is None or hidden:
+            if is_glob(uri) and not hidden:
                 raise InvalidData(
                     f"{listing.root}/{obj.key}: cannot infer the format from the extension; set dataset.format"
                 )

@@ -157,12 +157,35 @@ def _jsonl_chunks(path: Path, display: str) -> list[Chunk]:
     return chunks
 
 
+def _csv_records(handle: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a csv file, each with the number of the line it starts on.
+
+    A quoted field may span lines and blank lines are skipped, so rows and lines do not correspond:
+    the lines the reader consumes are numbered as it reads them.
+    """
+    consumed: list[tuple[int, str]] = []  # (line number, line) read since the previous row
+
+    def lines() -> Iterator[str]:
+        for number, line in enumerate(handle, start=1):
+            consumed.append((number, line))
+            yield line
+
+    reader = csv.DictReader(lines())
+    _ = reader.fieldnames  # reads the header line
+    consumed.clear()
+    for row in reader:
+        number = next((n for n, line in consumed if line.strip("\r\n")), consumed[0][0] if consumed else 0)
+        consumed.clear()
+        yield number, dict(row)
+
+
 def _csv_chunks(path: Path, display: str) -> list[Chunk]:
     chunks: list[Chunk] = []
     batch: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=2):  # line 1 is the header
-            batch.append((number, dict(row)))
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        for number, row in _csv_records(handle):
+            batch.append((number, row))
             if len(batch) >= CHUNK_ROWS:
                 chunks.append(RowsChunk(display, tuple(batch)))
                 batch = []

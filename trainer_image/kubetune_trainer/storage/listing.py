@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 
 from kubetune_trainer.storage.base import ObjectInfo, Store
+from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.storage.registry import open_store
+from kubetune_trainer.storage.uris import local_path
 
 GLOB_CHARS = ("*", "?")
 
@@ -80,7 +82,11 @@ def expand(uri: str, *, endpoint: str | None = None, region: str | None = None) 
         root, pattern = split_glob(uri)
     else:
         root, pattern = uri.rstrip("/"), "**"
-    store = open_store(root, endpoint=endpoint, region=region)
+    path = local_path(root)
+    # A local root is a path as the data URI names it: file://data (relative) is the folder data.
+    store: Store = (
+        LocalStore(path, uri=root) if path is not None else open_store(root, endpoint=endpoint, region=region)
+    )
     regex = glob_regex(pattern)
     matched = [o for o in store.list("") if regex.match(o.key)]
     return Listing(root=root, store=store, objects=sorted(matched, key=lambda o: o.key))

@@ -224,8 +224,13 @@ class S3Store:
         return manager.upload(str(path), self.bucket, self._key(key))
 
     def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
-        """Download every object under ``prefix`` into ``local_dir`` (keys relative to ``prefix``)."""
-        objects = self.list(prefix)
+        """Download every object under ``prefix`` into ``local_dir`` (keys relative to ``prefix``).
+
+        Folder markers (empty objects named ``<folder>/``, as the S3 console's "Create folder" makes) are
+        no files: they are skipped.
+        """
+        # (The marker of the store root itself lists as the key "".)
+        objects = [o for o in self.list(prefix) if o.key and not o.key.endswith("/")]
         base = prefix.rstrip("/")
         targets: dict[str, Path] = {}
         for obj in objects:
