@@ -20,6 +20,7 @@ PROMTOOL = promtool_binary()
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (make system-deps)")
 
 JOB = 'namespace="ml", job_name="demo", pod="demo-a1-0", job="kubetune-trainer"'
+JOB_A2 = 'namespace="ml", job_name="demo", pod="demo-a2-0", job="kubetune-trainer"'
 OPERATOR = 'job="kubetune-operator", instance="10.0.0.7:8080"'
 JOB_LABELS = {"namespace": "ml", "job_name": "demo"}
 
@@ -111,6 +112,58 @@ CASES = [
         "21m",
     ),
     Case(
+        "TrainingStalled",
+        "fires when the next attempt restored its checkpoint but never finished a step",
+        {
+            # attempt 1 steps until 10m, then its pod is replaced: the series go stale
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB}}}": "0+60x10 stale",
+            f"kubetune_trainer_step{{{JOB}}}": "0+1x10 stale",
+            f"kubetune_trainer_total_steps{{{JOB}}}": "100x10 stale",
+            # attempt 2 loads from 12m, restores step 10 at 14m and hangs in its first collective
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB_A2}}}": "_x12 0x40",
+            f"kubetune_trainer_step{{{JOB_A2}}}": "_x12 0 0 10x38",
+            f"kubetune_trainer_total_steps{{{JOB_A2}}}": "_x12 0 0 100x38",
+        },
+        "35m",
+        JOB_LABELS,
+        "21m 0s",
+    ),
+    Case(
+        "TrainingStalled",
+        "fires when a fresh job never finishes its first step",
+        {
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB}}}": "0x40",
+            f"kubetune_trainer_step{{{JOB}}}": "0x40",
+            f"kubetune_trainer_total_steps{{{JOB}}}": "0 0 100x38",
+        },
+        "20m",
+        JOB_LABELS,
+        "18m 0s",
+    ),
+    Case(
+        "TrainingStalled",
+        "silent while the next attempt is still loading or just restored",
+        {
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB}}}": "0+60x10 stale",
+            f"kubetune_trainer_step{{{JOB}}}": "0+1x10 stale",
+            f"kubetune_trainer_total_steps{{{JOB}}}": "100x10 stale",
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB_A2}}}": "_x12 0x40",
+            f"kubetune_trainer_step{{{JOB_A2}}}": "_x12 0x8 10x30",
+            f"kubetune_trainer_total_steps{{{JOB_A2}}}": "_x12 0x8 100x30",
+        },
+        "30m",
+    ),
+    Case(
+        "TrainingStalled",
+        "silent once the restored attempt steps",
+        {
+            f"kubetune_trainer_last_step_timestamp_seconds{{{JOB}}}": "0x10 600+60x30",
+            f"kubetune_trainer_step{{{JOB}}}": "10x10 11+1x30",
+            f"kubetune_trainer_total_steps{{{JOB}}}": "100x40",
+        },
+        "30m",
+    ),
+    Case(
         "LossNotFinite",
         "fires on a non-finite step count",
         {
@@ -177,6 +230,29 @@ CASES = [
             f"kubetune_trainer_step{{{JOB}}}": "150x80",
         },
         "70m",
+    ),
+    Case(
+        "CheckpointOverdue",
+        "silent right after resuming from a checkpoint saved hours ago",
+        {
+            # suspended (or preempted and queued) for hours; attempt 2 restores step 100, saved at 1m, at 11h50m
+            f"kubetune_trainer_checkpoint_timestamp_seconds{{{JOB_A2}}}": "_x710 60x20",
+            f"kubetune_trainer_checkpoint_step{{{JOB_A2}}}": "_x710 100x20",
+            f"kubetune_trainer_step{{{JOB_A2}}}": "_x710 100+1x20",
+        },
+        "12h",
+    ),
+    Case(
+        "CheckpointOverdue",
+        "fires an hour after resuming when no checkpoint was committed since",
+        {
+            f"kubetune_trainer_checkpoint_timestamp_seconds{{{JOB_A2}}}": "_x710 60x80",
+            f"kubetune_trainer_checkpoint_step{{{JOB_A2}}}": "_x710 100x80",
+            f"kubetune_trainer_step{{{JOB_A2}}}": "_x710 100+1x80",
+        },
+        "13h",
+        JOB_LABELS,
+        "12h 59m 0s",
     ),
     Case(
         "TrainingLossRising",

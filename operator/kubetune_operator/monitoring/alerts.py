@@ -27,10 +27,18 @@ RUNBOOK_BASE_URL = "https://github.com/kubetune/kubetune/blob/main/docs/runbooks
 #: Thresholds, in seconds.  Static on purpose: the rules file is plain YAML shared by both install paths.
 STALL_SECONDS = 15 * 60
 CHECKPOINT_OVERDUE_SECONDS = 60 * 60
+#: How far back TrainingStalled looks for a pod's restore (a longer hang reports at least this long).
+RESTORE_LOOKBACK = "6h"
 
 _BY_JOB = f"namespace, {JOB_NAME_LABEL}"
 _ON_JOB = f"on ({_BY_JOB})"
 _TOTAL_LOSS = m.LOSS.select(component="total")
+#: Per trainer pod: seconds since it restored its checkpoint, while it has finished no optimizer step yet
+#: (its last-step time reads 0 until then); over STALL_SECONDS only.
+_RESTORED_WITHOUT_STEP = (
+    f"(time() - min_over_time(timestamp({m.TOTAL_STEPS.name} > 0)[{RESTORE_LOOKBACK}:1m]) > {STALL_SECONDS})"
+    f" and {m.LAST_STEP_TIMESTAMP.name} == 0 and {m.STEP.name} < {m.TOTAL_STEPS.name}"
+)
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,14 @@ OPERATOR_ALERTS: tuple[Alert, ...] = (
 TRAINER_ALERTS: tuple[Alert, ...] = (
     Alert(
         name="TrainingStalled",
+        # The second branch: an attempt that restored its checkpoint (total steps > 0) but has finished no step
+        # yet exports a last-step time of 0 (the previous attempt's pods are gone), so the time since its
+        # restore counts instead: a job hung in its first collective stalls too.
         expr=(
             f"(time() - {_max_by_job(f'{m.LAST_STEP_TIMESTAMP.name} > 0')} > {STALL_SECONDS})\n"
             f"and {_ON_JOB}\n"
-            f"({_max_by_job(m.STEP.name)} < {_max_by_job(m.TOTAL_STEPS.name)})"
+            f"({_max_by_job(m.STEP.name)} < {_max_by_job(m.TOTAL_STEPS.name)})\n"
+            f"or {_max_by_job(_RESTORED_WITHOUT_STEP)}"
         ),
         duration="0m",
         severity="warning",
@@ -135,7 +147,10 @@ TRAINER_ALERTS: tuple[Alert, ...] = (
             f"(time() - {_max_by_job(f'{m.CHECKPOINT_TIMESTAMP.name} > 0')} "
             f"> {CHECKPOINT_OVERDUE_SECONDS})\n"
             f"and {_ON_JOB}\n"
-            f"({_max_by_job(m.STEP.name)} > {_max_by_job(m.CHECKPOINT_STEP.name)})"
+            # The step of an hour ago: a resumed attempt's checkpoint time is when it was saved, hours before a
+            # suspension ended; only an hour of training past the checkpoint is work a restart would lose.
+            f"({_max_by_job(f'{m.STEP.name} offset {CHECKPOINT_OVERDUE_SECONDS // 60}m')} "
+            f"> {_max_by_job(m.CHECKPOINT_STEP.name)})"
         ),
         duration="0m",
         severity="warning",

@@ -200,8 +200,10 @@ def training() -> Dashboard:
                     ),
                     Panel(
                         "Time since last step",
-                        "Seconds since a step finished; TrainingStalled fires above 15 minutes.",
-                        (Query(f"time() - max({trainer(m.LAST_STEP_TIMESTAMP.name)})"),),
+                        "Seconds since a step finished; TrainingStalled fires above 15 minutes. "
+                        "No data while a new attempt has not finished its first step.",
+                        # A pod's gauge reads 0 until its first step: time() - 0 would read ~55 years.
+                        (Query(f"time() - max({trainer(m.LAST_STEP_TIMESTAMP.name)} > 0)"),),
                         kind="stat",
                         unit="s",
                         width=4,
@@ -324,7 +326,7 @@ def training() -> Dashboard:
                         (
                             Query(f"max({trainer(m.CHECKPOINT_STEP.name)})", "step"),
                             Query(
-                                f"time() - max({trainer(m.CHECKPOINT_TIMESTAMP.name)})",
+                                f"time() - max({trainer(m.CHECKPOINT_TIMESTAMP.name)} > 0)",
                                 "age (s)",
                             ),
                             Query(f"max({trainer(m.CHECKPOINT_FALLBACKS_TOTAL.name)})", "fallbacks"),
