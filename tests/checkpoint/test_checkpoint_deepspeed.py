@@ -174,6 +174,9 @@ def test_retention_keeps_the_newest_complete_checkpoint_also_while_a_save_is_in_
             assert latest_step in entry["committed"] or max(entry["committed"]) > latest_step, entry
         if first_commit is not None:
             assert entry["committed"], entry  # once one checkpoint is complete there is always one
+        if entry["latest"] is not None and not entry["in_flight"]:
+            # The pod's gauge names the commit as soon as its background upload is done, not a save later.
+            assert entry["gauge"] == int(entry["latest"].rsplit("-", 1)[1]), entry
         saving = entry["step"] // 10 * 10  # the save in flight at this step
         if entry["in_flight"] and saving > 10:
             # The previous checkpoint stays until this one is committed (which may just have happened;

@@ -171,10 +171,13 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         if args.watch_retention and rank == 0:
             in_flight = manager.upload_in_flight  # right after a save its upload has just started
+            gauge = metrics.registry.get_sample_value("kubetune_trainer_checkpoint_step")  # after in_flight
             # LATEST before the listing: a manifest is written before LATEST moves, so the listing is newer.
             latest = store.get_bytes(LATEST_KEY).decode().strip() if store.exists(LATEST_KEY) else None
             committed = list(scan(store.list("checkpoints/")).committed)
-            retention_log.append({"step": step, "in_flight": in_flight, "latest": latest, "committed": committed})
+            retention_log.append(
+                {"step": step, "in_flight": in_flight, "latest": latest, "committed": committed, "gauge": gauge}
+            )
         if args.step_sleep:
             time.sleep(args.step_sleep)
     manager.finish()

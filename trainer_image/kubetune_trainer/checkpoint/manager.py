@@ -229,6 +229,10 @@ class CheckpointManager:
         committed, reason = self._ranks.broadcast(decision) or (False, "no decision from rank 0")
         if self.rank != 0:
             self.last_save_seconds = time.monotonic() - started
+        if committed:
+            # Now, not when the next save settles this upload: with async uploads that is a whole interval
+            # later, and status.checkpoint and CheckpointOverdue read these gauges.
+            self._committed_metrics(step)
         shutil.rmtree(local_dir, ignore_errors=True)
         return _Outcome(step, committed, reason)
 
@@ -300,7 +304,6 @@ class CheckpointManager:
         if outcome.committed:
             self.committed_step = outcome.step
             self._failed_in_a_row = 0
-            self._committed_metrics(outcome.step)
             return
         self._failed_in_a_row += 1
         log.error(
